@@ -1,0 +1,1 @@
+"""LoRA finetuning on hierarchical VQA items (see the finetune issue)."""

@@ -1,0 +1,3 @@
+"""Serving-based evaluation harness for hierarchical visual understanding."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Feature extraction and linear probes (see the probes issue)."""
