@@ -25,10 +25,15 @@ def _cmd_stats(args) -> int:
 
     s = stats(args.file, strict=args.strict)
     if args.json:
-        sys.stdout.write(orjson.dumps(s, option=orjson.OPT_INDENT_2).decode() + "\n")
+        # FIX: `depths` and per-level `options` are keyed by int, which orjson refuses without
+        # OPT_NON_STR_KEYS: `harness data stats --json` crashed with "Dict key must be str".
+        sys.stdout.write(orjson.dumps(s, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode() + "\n")
     else:
         print_stats(s)
-    return 1 if s["skipped_lines"] and args.strict else 0
+    # FIX: was `skipped_lines and args.strict`, which never holds (strict mode raises at the first bad
+    # line), so a file with invalid lines exited 0. Contract: invalid input -> non-zero exit; the
+    # skipped lines (file:line: field: reason) are printed above.
+    return 1 if s["skipped_lines"] else 0
 
 
 def _cmd_taxonomy(args) -> int:
@@ -37,7 +42,10 @@ def _cmd_taxonomy(args) -> int:
     from harness.taxonomy import TAXONOMIES, load_taxonomy
 
     con = Console()
-    names = list(TAXONOMIES) if args.all or not args.taxonomy else args.taxonomy
+    names = list(args.taxonomy)
+    if names[:1] == ["check"]:  # FIX: taxonomies/README.md documents `harness taxonomy check --all`
+        names = names[1:]
+    names = list(TAXONOMIES) if args.all or not names else names
     for name in names:
         tax = load_taxonomy(name)
         depth = "/".join(str(len(d)) for d in tax.names_by_depth())

@@ -169,7 +169,10 @@ def read_items(
     Otherwise bad lines are skipped and recorded in `report`.
     Duplicate ids (the same image twice) get a `#k` suffix so question ids stay unique.
     """
-    rm = root_map if (isinstance(root_map, list) and root_map and isinstance(root_map[0], tuple)) \
+    # FIX: (old, new) pairs were used in the given order, so the longest prefix did not win for
+    # callers passing pairs; sort them as parse_root_map does.
+    rm = sorted(root_map, key=lambda p: -len(p[0])) \
+        if (isinstance(root_map, list) and root_map and isinstance(root_map[0], tuple)) \
         else parse_root_map(root_map)  # type: ignore[arg-type]
     seen: dict[str, int] = {}
     path = Path(path)

@@ -35,10 +35,13 @@ def score_item(truth: Sequence[str], pred: Sequence[str | None]) -> ItemScore:
     """Metrics of one item. `truth` non-empty; `pred` usually the same length (reference files may
     differ: HCA then fails and POR zips the shorter list, as the reference does)."""
     n = len(truth)
-    hits = [_eq(p, t) for p, t in zip(pred, truth)]
+    # Lower-case each element once (perf: this runs for every item of a million-question report).
+    tl = [t.lower() for t in truth]
+    pl = [p.lower() if p is not None else None for p in pred]
+    hits = [p == t for p, t in zip(pl, tl)]
     m = sum(hits)
-    hca = float(len(pred) == n and m == n)
-    leaf = float(bool(pred) and _eq(pred[-1], truth[-1]))
+    hca = float(len(pl) == n and m == n)
+    leaf = float(bool(pl) and pl[-1] == tl[-1])
     prefix = 0
     for h in hits:
         if not h:
@@ -46,13 +49,13 @@ def score_item(truth: Sequence[str], pred: Sequence[str | None]) -> ItemScore:
         prefix += 1
     tor = 0.0
     if n > 1:
-        tor = sum(1 for j in range(min(n, len(hits)) - 1) if hits[j] and hits[j + 1]) / (n - 1)
-    precision = m / len(pred) if pred else 0.0
+        tor = sum(1 for j in range(len(hits) - 1) if hits[j] and hits[j + 1]) / (n - 1)
+    precision = m / len(pl) if pl else 0.0
     recall = m / n
     por_f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     # Set-based hierarchical F1: predicted vs true node sets (levels predicted independently).
-    ps = {p.lower() for p in pred if p is not None}
-    ts = {t.lower() for t in truth}
+    ps = {p for p in pl if p is not None}
+    ts = set(tl)
     inter = len(ps & ts)
     hp = inter / len(ps) if ps else 0.0
     hr = inter / len(ts)
@@ -128,9 +131,12 @@ def summarize(paths: Iterable[tuple[Sequence[int], Sequence[str], Sequence[str |
             sums[k] += getattr(sc, k)
         sums["lraw"] += sc.leaf_right_ancestor_wrong
         sums["arlw"] += sc.ancestors_right_leaf_wrong
-        for lv, t, p in zip(levels, truth, pred):
+        # FIX: count every truth position. zip(levels, truth, pred) stopped at the shorter
+        # prediction list, so a level with no prediction (reference files) left the denominator
+        # and inflated per-level accuracy; the reference counts it wrong.
+        for k, (lv, t) in enumerate(zip(levels, truth)):
             lvl_n[lv] += 1
-            lvl_hit[lv] += _eq(p, t)
+            lvl_hit[lv] += k < len(pred) and _eq(pred[k], t)
     n = s.n_items
     if n:
         s.hca, s.leaf_acc = hca_k / n * 100, leaf_k / n * 100

@@ -73,7 +73,12 @@ class PromptConfig(BaseModel):
     @field_validator("taxonomy")
     @classmethod
     def _known(cls, v: str) -> str:
-        get_info(v)
+        # FIX: a KeyError raised in a pydantic validator escapes as a bare KeyError; a ValueError
+        # becomes the usual ValidationError naming the field.
+        try:
+            get_info(v)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
         return v
 
     def system_text(self) -> str | None:

@@ -34,7 +34,9 @@ def summarize_path(path: str | Path, score_from: int | None = None) -> Summary:
     """Dispatch on content: a JSON list (reference output format) or results.jsonl lines."""
     p = resolve(path)
     with p.open("rb") as f:
-        head = f.read(1).lstrip()
+        # FIX: the first byte used to be lstrip()ped to b"" when it was whitespace, which ended the
+        # loop, so a reference JSON list starting with a newline or spaces was read as results.jsonl.
+        head = f.read(1)
         while head in (b" ", b"\n", b"\r", b"\t"):
             head = f.read(1)
     if head == b"[":
