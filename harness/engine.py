@@ -1,0 +1,294 @@
+"""The async engine: a bounded queue of questions feeds N workers that talk to the endpoint(s).
+
+Memory stays flat with run size: the producer renders items lazily and blocks on a bounded queue;
+there is one task per worker, never one per question. An item's image is encoded once (in a
+thread pool, a few items ahead) and its level questions are enqueued back to back, so they reach
+the server in the same window and vLLM's prefix cache reuses the image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal
+
+import orjson
+
+from harness.cache import RequestCache, request_key
+from harness.client import Client, FatalError, RetryableError, RetryPolicy
+from harness.images import ImagePayload, encode_image
+from harness.items import Item
+from harness.parsing import parse_letter, parse_yes_no
+from harness.pricing import cost
+from harness.prompts import PromptConfig, Question, build_messages
+from harness.results import ResultStore, record
+
+AnswerMode = Literal["generate", "choice", "logprobs"]
+
+
+@dataclass
+class Decoding:
+    model: str
+    answer: AnswerMode = "generate"
+    max_tokens: int = 10
+    temperature: float = 0.0
+    seed: int | None = None
+    top_logprobs: int = 20
+    parser: str = "robust"
+
+
+@dataclass
+class Stats:
+    total: int = 0  # questions to ask this session (after resume)
+    answered: int = 0
+    failed: int = 0
+    retried: int = 0
+    cached: int = 0
+    auto: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    images_encoded: int = 0
+    items: int = 0
+    started: float = field(default_factory=time.monotonic)
+    fatal: str | None = None
+    stopped: str | None = None
+
+
+class Engine:
+    def __init__(self, *, client: Client, store: ResultStore, prompt: PromptConfig, decoding: Decoding,
+                 concurrency: int = 64, media: str = "base64", max_side: int | None = None,
+                 retry: RetryPolicy = RetryPolicy(), throttle=None, token_limiter=None,
+                 cache: RequestCache | None = None, prices: tuple[float, float] = (0.0, 0.0),
+                 max_cost: float | None = None, dedupe: bool = False, prefetch: int = 8,
+                 image_workers: int = 4):
+        self.client, self.store, self.prompt, self.dec = client, store, prompt, decoding
+        self.concurrency, self.media, self.max_side = concurrency, media, max_side
+        self.retry, self.throttle, self.token_limiter = retry, throttle, token_limiter
+        self.cache, self.prices, self.max_cost = cache, prices, max_cost
+        self.dedupe, self.prefetch = dedupe, prefetch
+        self.stats = Stats()
+        self._inflight: dict[str, asyncio.Future] = {}
+        self._memo: dict[str, dict] = {}
+        self._pool = ThreadPoolExecutor(max_workers=image_workers, thread_name_prefix="img")
+        self._stop = asyncio.Event()
+
+    # ------------------------------------------------------------------ requests
+    def body(self, q: Question, image: ImagePayload | None, *, for_key: bool = False) -> dict:
+        url = None
+        if image is not None:
+            url = f"digest:{image.uuid}:{image.n_bytes}" if for_key else image.url
+        msgs = build_messages(q, url, self.prompt, uuid=None if for_key or image is None else image.uuid)
+        d = self.dec
+        b: dict = {"model": d.model, "messages": msgs, "temperature": d.temperature}
+        if d.seed is not None:
+            b["seed"] = d.seed
+        letters = list(q.choices)
+        if d.answer == "logprobs":
+            b.update(max_tokens=1, logprobs=True, top_logprobs=d.top_logprobs)
+        else:
+            b["max_tokens"] = d.max_tokens
+        if d.answer == "choice":
+            b["structured_outputs"] = {"choice": ["Yes", "No"] if q.option is not None else letters}
+        return b
+
+    def interpret(self, q: Question, resp: dict) -> dict:
+        """Response JSON -> the answer fields of a result line. Raises RetryableError if malformed."""
+        try:
+            choice = resp["choices"][0]
+            raw = choice["message"].get("content")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise RetryableError("malformed response (no choices[0].message)") from None
+        if raw is None:
+            raw = ""
+        out: dict = {"raw": raw}
+        usage = resp.get("usage") or {}
+        out["tokens"] = [usage.get("prompt_tokens", 0) or 0, usage.get("completion_tokens", 0) or 0]
+        if q.option is not None:  # binary statement
+            out["yes"] = parse_yes_no(raw)
+            out["letter"] = None
+            return out
+        if self.dec.answer == "logprobs":
+            lp = (choice.get("logprobs") or {}).get("content") or []
+            top = lp[0].get("top_logprobs") or [] if lp else []
+            dist: dict[str, float] = {}
+            for t in top:
+                tok = str(t.get("token", "")).strip().strip("().:*")
+                if tok in q.choices and tok not in dist:
+                    dist[tok] = float(t.get("logprob", float("-inf")))
+            out["letter"] = max(dist, key=dist.__getitem__) if dist else None
+            out["letter_logprobs"] = dist
+            return out
+        out["letter"] = parse_letter(raw, q.choices, self.dec.parser)  # type: ignore[arg-type]
+        return out
+
+    async def _send(self, body: bytes, est_tokens: int) -> dict:
+        attempt = 0
+        while True:
+            if self.token_limiter is not None:
+                await self.token_limiter.acquire(min(est_tokens, self.token_limiter.max_rate))
+            if self.throttle is not None:
+                async with self.throttle:
+                    pass
+            try:
+                return await self.client.post("/chat/completions", body)
+            except RetryableError as e:
+                if attempt >= self.retry.max_retries:
+                    raise
+                self.stats.retried += 1
+                await asyncio.sleep(self.retry.delay(attempt, e.retry_after))
+                attempt += 1
+
+    async def ask(self, q: Question, image: ImagePayload | None) -> dict:
+        """Answer fields of one question: from the memo/cache, a request already in flight, or the server."""
+        key = request_key(self.body(q, image, for_key=True))
+        if key in self._memo:
+            self.stats.cached += 1
+            return self._memo[key] | {"cached": True}
+        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            self.stats.cached += 1
+            return hit | {"cached": True}
+        if key in self._inflight:
+            self.stats.cached += 1
+            return (await asyncio.shield(self._inflight[key])) | {"cached": True}
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            body = self.body(q, image)
+            est = len(q.text) // 4 + (85 if image else 0) + body.get("max_tokens", 1)
+            empty_retry = True
+            while True:
+                t0 = time.monotonic()
+                resp = await self._send(orjson.dumps(body), est)
+                ans = self.interpret(q, resp)
+                if ans["raw"] == "" and empty_retry and q.option is None and self.dec.answer != "logprobs":
+                    empty_retry = False  # one more try for an empty completion, then keep it
+                    self.stats.retried += 1
+                    continue
+                break
+            ans["latency"] = round(time.monotonic() - t0, 4)
+            pt, ct = ans["tokens"]
+            self.stats.prompt_tokens += pt
+            self.stats.completion_tokens += ct
+            self.stats.cost += cost(pt, ct, self.prices)
+            if self.dedupe:
+                self._memo[key] = ans
+            if self.cache is not None:
+                self.cache.put(key, ans)
+            fut.set_result(ans)
+            return ans
+        except BaseException as e:
+            if not fut.done():
+                fut.set_exception(e)
+                fut.exception()  # mark retrieved
+            raise
+        finally:
+            self._inflight.pop(key, None)
+
+    # ------------------------------------------------------------------ pipeline
+    def _encode(self, item: Item) -> ImagePayload | Exception:
+        try:
+            return encode_image(item.image, media=self.media, max_side=self.max_side)
+        except Exception as e:  # recorded per question, the run goes on
+            return e
+
+    async def produce(self, work: Iterator[tuple[Item, list[Question]]], queue: asyncio.Queue) -> None:
+        loop = asyncio.get_running_loop()
+        window: deque = deque()
+
+        async def emit(item: Item, qs: list[Question], fut) -> None:
+            image = await fut if fut is not None else None
+            self.stats.items += 1
+            for q in qs:
+                if self._stop.is_set():
+                    return
+                await queue.put((q, image))
+
+        for item, qs in work:
+            if self._stop.is_set():
+                break
+            asked = []
+            for q in qs:
+                if q.auto is not None:
+                    self.store.append(record(q, letter=None, raw=None, error=None))
+                    self.stats.auto += 1
+                else:
+                    asked.append(q)
+            if not asked:
+                continue
+            needs_image = any(q.image for q in asked)
+            fut = loop.run_in_executor(self._pool, self._encode, item) if needs_image else None
+            if needs_image:
+                self.stats.images_encoded += 1
+            window.append((item, asked, fut))
+            if len(window) > self.prefetch:
+                await emit(*window.popleft())
+        while window and not self._stop.is_set():
+            await emit(*window.popleft())
+
+    async def worker(self, queue: asyncio.Queue) -> None:
+        while True:
+            job = await queue.get()
+            try:
+                if job is None:
+                    return
+                if self._stop.is_set():
+                    continue
+                q, image = job
+                try:
+                    await self.handle(q, image)
+                except Exception as e:  # never let a worker die: the producer would block forever
+                    self.store.append(record(q, letter=None, raw=None, error=f"internal: {type(e).__name__}: {e}"[:300]))
+                    self.stats.failed += 1
+            finally:
+                queue.task_done()
+
+    async def handle(self, q: Question, image) -> None:
+        if isinstance(image, Exception):
+            self.store.append(record(q, letter=None, raw=None, error=f"image: {type(image).__name__}: {image}"[:300]))
+            self.stats.failed += 1
+            return
+        try:
+            ans = await self.ask(q, image)
+        except RetryableError as e:
+            self.store.append(record(q, letter=None, raw=None, error=f"gave up after retries: {e.reason}"))
+            self.stats.failed += 1
+            return
+        except FatalError as e:
+            if self.stats.fatal is None:
+                self.stats.fatal = str(e)
+            self._stop.set()
+            return
+        except Exception as e:  # a bug or an unexpected reply: record it, keep the worker alive
+            self.store.append(record(q, letter=None, raw=None, error=f"internal: {type(e).__name__}: {e}"[:300]))
+            self.stats.failed += 1
+            return
+        ans = dict(ans)  # the memo, cache and in-flight waiters share the original
+        letter = ans.pop("letter")
+        raw = ans.pop("raw")
+        self.store.append(record(q, letter=letter, raw=raw, error=None, **ans))
+        self.stats.answered += 1
+        if self.max_cost is not None and self.stats.cost >= self.max_cost and not self._stop.is_set():
+            self.stats.stopped = f"--max-cost {self.max_cost:.2f} USD reached ({self.stats.cost:.2f} USD spent)"
+            self._stop.set()
+
+    async def run(self, work: Iterator[tuple[Item, list[Question]]]) -> Stats:
+        queue: asyncio.Queue = asyncio.Queue(maxsize=self.concurrency * 2)
+        workers = [asyncio.create_task(self.worker(queue)) for _ in range(self.concurrency)]
+        try:
+            await self.produce(work, queue)
+            for _ in workers:
+                await queue.put(None)
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self.store.flush()
+            if self.cache is not None:
+                self.cache.flush()
+        return self.stats
