@@ -77,12 +77,13 @@ def add_cli(sub) -> None:
     g.add_argument("--strict", action="store_true", help="stop at the first invalid input line (default: skip it and report)")
     g = p.add_argument_group("protocol")
     g.add_argument("--mode", choices=["image", "text", "binary"], default="image")
-    g.add_argument("--prompt-variant", default="0", help="0..4, or `gpt`")
+    g.add_argument("--prompt-variant", default=None, help="0..4, or `gpt` (default: the --profile's variant, else 0)")
+    g.add_argument("--profile", help="a servers/ profile name: the paper's prompt variant, system prompt and max tokens for that model")
     g.add_argument("--protocol", choices=["reference", "robust"], default="robust",
                    help="reference: seeded option shuffle replay + substring parser; robust: per-question hashed order + strict parser")
     g.add_argument("--preset", choices=sorted(PRESETS), help="reference settings of an API model (prompt, order, decoding)")
     g.add_argument("--answer", choices=["generate", "choice", "logprobs"], default="generate")
-    g.add_argument("--system", default="auto", help="system prompt id from the catalogue, `auto`, or `none` (model default)")
+    g.add_argument("--system", default="auto", help="system prompt id from the catalogue, `auto` (profile or mode default), or `none` (model default)")
     g.add_argument("--suffix", default="standard", choices=["standard", "cot", "cot_qwen"])
     g.add_argument("--taxonomy-cot", action="store_true", help="iNat taxonomy-based CoT system prompt")
     g.add_argument("--taxonomy-in-context", action="store_true", help="CUB: the whole taxonomy in the system prompt")
@@ -129,17 +130,26 @@ def _peek_taxonomy(args) -> str:
 
 
 def build_settings(args, model: str) -> RunSettings:
-    preset = PRESETS.get(args.preset or "", {})
+    """Command line + preset + profile -> the settings that decide every answer (explicit flags win)."""
+    preset = dict(PRESETS.get(args.preset or "", {}))
+    taxonomy = _peek_taxonomy(args)
+    if args.profile:  # per-model protocol of the paper (servers/*.toml)
+        from harness.servers import load_profile
+
+        prof = load_profile(args.profile)
+        pmode = "text" if args.mode == "text" else "image"
+        if args.prompt_variant is None:
+            preset["variant"] = prof.prompt_variant_for(taxonomy, pmode)
+        preset.setdefault("system", prof.system_prompt_key(pmode))
+        preset.setdefault("max_tokens", prof.max_tokens_for(taxonomy, pmode))
     reference = args.protocol == "reference"
     order = args.option_order or preset.get("option_order") or ("reference" if reference else "hashed")
-    variant: int | str = args.prompt_variant
-    if args.preset and args.prompt_variant == "0":
-        variant = preset["variant"]
+    variant: int | str = args.prompt_variant if args.prompt_variant is not None else preset.get("variant", 0)
     if isinstance(variant, str) and variant.isdigit():
         variant = int(variant)
+    system = preset.get("system", "auto") if args.system == "auto" else (None if args.system == "none" else args.system)
     prompt = PromptConfig(
-        taxonomy=_peek_taxonomy(args), mode=args.mode, variant=variant,
-        system=(preset.get("system", "auto") if args.system == "auto" else (None if args.system == "none" else args.system)),
+        taxonomy=taxonomy, mode=args.mode, variant=variant, system=system,
         suffix=args.suffix, taxonomy_cot=args.taxonomy_cot, taxonomy_in_context=args.taxonomy_in_context,
         ask_leaf=preset.get("ask_leaf", False), option_order=order,
         image_first=not (args.gpt_order or preset.get("image_first") is False),
