@@ -11,7 +11,7 @@ import orjson
 from harness import __version__
 
 # Modules that add their own subcommands: each exposes add_cli(subparsers).
-_PLUGINS = ["harness.build", "harness.runner", "harness.servers"]
+_PLUGINS = ["harness.build", "harness.runner", "harness.servers", "harness.demo"]
 
 
 def _cmd_report(args) -> int:

@@ -113,6 +113,9 @@ class Engine:
             out["letter"] = None
             return out
         if self.dec.answer == "logprobs":
+            if choice.get("logprobs") is None:
+                raise FatalError("the endpoint returned no logprobs: it does not support `--answer logprobs` "
+                                 "(transformers serve ignores it); use `--answer generate`, or vLLM")
             lp = (choice.get("logprobs") or {}).get("content") or []
             top = lp[0].get("top_logprobs") or [] if lp else []
             dist: dict[str, float] = {}
@@ -123,6 +126,9 @@ class Engine:
             out["letter"] = max(dist, key=dist.__getitem__) if dist else None
             out["letter_logprobs"] = dist
             return out
+        if self.dec.answer == "choice" and raw.strip() not in q.choices:
+            raise FatalError(f"`--answer choice` got {raw[:40]!r}, not one of the offered letters: the endpoint "
+                             "ignored vLLM's structured_outputs; use `--answer logprobs` or `--answer generate`")
         out["letter"] = parse_letter(raw, q.choices, self.dec.parser)  # type: ignore[arg-type]
         return out
 

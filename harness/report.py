@@ -45,7 +45,15 @@ def summarize_path(path: str | Path, score_from: int | None = None) -> Summary:
 
 
 def rows(paths: list[str], score_from: int | None = None) -> list[tuple[str, Summary]]:
-    return [(str(p), summarize_path(p, score_from)) for p in paths]
+    return [(_name(p), summarize_path(p, score_from)) for p in paths]
+
+
+def _name(p: str | Path) -> str:
+    """Run folder name for results.jsonl inside a run folder, else the path as given."""
+    p = Path(p)
+    if p.name == "results.jsonl":
+        p = p.parent
+    return str(p).rstrip("/") or str(p)
 
 
 def _fmt(v) -> str:
@@ -53,11 +61,12 @@ def _fmt(v) -> str:
 
 
 def render_table(results: list[tuple[str, Summary]], console: Console | None = None) -> None:
-    console = console or Console()
+    # piped output (logs, CI) gets a wide table instead of rich's 80-column default
+    console = console or Console(width=None if sys.stdout.isatty() else 220)
     levels = sorted({lv for _, s in results for lv in s.per_level}, key=int)
     t = Table(title="Hierarchical consistency", show_lines=False)
     t.add_column("run", overflow="fold")
-    for c in ("items", "HCA [95% CI]", "leaf", "POR", "sPOR", "TOR", "hF1", "leaf ok/anc wrong", "unans."):
+    for c in ("items", "HCA [95% CI]", "leaf", "POR", "sPOR", "TOR", "hF1", "leaf ok, anc. wrong", "unanswered"):
         t.add_column(c, justify="right")
     for lv in levels:
         t.add_column(f"L{lv}", justify="right")

@@ -314,6 +314,9 @@ async def _run_async(args, endpoints: list[str]) -> int:
 
     con = Console(stderr=True)
     out = Path(args.out)
+    if args.answer == "choice" and any("api.openai.com" in e for e in endpoints):
+        raise FatalError("`--answer choice` needs vLLM's structured_outputs, which the OpenAI API does not have; "
+                         "use `--answer logprobs` (top_logprobs) or `--answer generate`")
     api_key = os.environ.get(args.api_key_env) or None
     client = Client(endpoints, api_key, timeout=args.timeout, connections=max(64, args.concurrency * 2))
     async with client:
