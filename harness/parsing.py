@@ -27,9 +27,11 @@ _UNWRAP = r"[\)\]\}>*_\"'`]*"
 _LEADING = re.compile(rf"^\s*{_WRAP}([A-Z]){_UNWRAP}(?:[.:)]|\s*$|\s+-\s)")
 # "Answer: A", "the answer is (B)", "correct option is C", "Option D", "choice: B"
 _PHRASE = re.compile(
-    rf"\b(?:answer|option|choice)(?:\s+(?:is|would be|will be|should be))?\s*[:\-]?\s*(?:option\s+)?{_WRAP}([A-Z])\b(?!['’]\w)",
+    rf"\b(?:answer|option|choice)s?{_UNWRAP}(?:\s+(?:is|would be|will be|should be))?\s*[:\-]?{_UNWRAP}\s*"
+    rf"(?:option\s+)?{_WRAP}([A-Z])\b(?!['’]\w)",
     re.IGNORECASE,
 )
+_ALTERNATIVE = re.compile(rf"{_UNWRAP}\s*(?:,|/|or|and)\s*{_WRAP}([A-Z])\b")
 _NORM = re.compile(r"[^0-9a-z]+")
 
 
@@ -55,6 +57,9 @@ def parse_robust(raw: str, options: dict[str, str]) -> str | None:
             continue  # "the answer is a bird": an article, not a letter
         if g.upper() in options:
             found.add(g.upper())
+            # "Answer: A or B" / "A and C": a second offered letter right after is ambiguous
+            if alt := _ALTERNATIVE.match(s, m.end()):
+                found.add(alt.group(1))
     ns = _norm(s)
     # exact option text, possibly after a leading letter ("B. diomedeidae")
     for L, text in options.items():

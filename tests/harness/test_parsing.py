@@ -67,6 +67,11 @@ def test_parse_letter_dispatch():
         ("The answer is C.", "C"),
         ("The correct answer is (B)", "B"),  # lmms-eval #1434 gave "T"
         ("The correct answer is (B).", "B"),
+        ("**Answer:** B", "B"),  # markdown around the keyword
+        ("answers: B", "B"),
+        ("Answer: A or B", None),  # two offered letters: ambiguous, never guessed
+        ("The answer is (A) or (C)", None),
+        ("Answer: A, because it nests", "A"),
         ("Option C", "C"),
         ("option: d", "D"),
         ("The best choice is C", "C"),
