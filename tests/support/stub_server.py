@@ -146,7 +146,7 @@ class StubThread:
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self._ready = threading.Event()
 
-    def __enter__(self) -> "StubThread":
+    def __enter__(self) -> StubThread:
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
         if not self._ready.wait(10):
