@@ -11,7 +11,7 @@ import orjson
 from harness import __version__
 
 # Modules that add their own subcommands: each exposes add_cli(subparsers).
-_PLUGINS = ["harness.build", "harness.runner", "harness.servers", "harness.demo", "harness.clip", "harness.classify", "harness.plans", "probes.cli", "finetune.cli"]
+_PLUGINS = ["harness.build", "harness.runner", "harness.batch", "harness.servers", "harness.demo", "harness.clip", "harness.classify", "harness.plans", "probes.cli", "finetune.cli"]
 
 
 def _cmd_report(args) -> int:

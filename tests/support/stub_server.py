@@ -53,7 +53,9 @@ class Stub:
         self.keep_bodies = False
         self.arrivals: list[tuple[float, str]] = []  # (time, image url) for locality measures
         self.by_text: dict[str, int] = defaultdict(int)
-        self._ok_template = None
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict] = {}
+        self.batch_status = "completed"
 
     def answer(self, text: str) -> str:
         letters = offered_letters(text)
@@ -116,6 +118,44 @@ class Stub:
                 "usage": {"prompt_tokens": len(text) // 4 + 10, "completion_tokens": 1, "total_tokens": len(text) // 4 + 11}}
         return web.Response(body=orjson.dumps(resp), content_type="application/json")
 
+    # ---- OpenAI Batch API: files and batches (a batch completes as soon as it is created)
+    async def upload(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        f = form["file"]
+        fid = f"file-{len(self.files)}"
+        self.files[fid] = f.file.read()
+        return web.json_response({"id": fid, "object": "file", "purpose": form.get("purpose")})
+
+    async def file_content(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.files[request.match_info["fid"]], content_type="application/jsonl")
+
+    async def create_batch(self, request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        out, errors = [], []
+        for line in self.files[body["input_file_id"]].splitlines():
+            req = orjson.loads(line)
+            text = user_text(req["body"])
+            self.requests += 1
+            if self.pick_fault(text) is not None:  # a failed line goes to the error file
+                errors.append({"custom_id": req["custom_id"], "response": {"status_code": 500, "body": {
+                    "error": {"message": "server error"}}}, "error": None})
+                continue
+            content = self.answer(text)
+            out.append({"custom_id": req["custom_id"], "response": {"status_code": 200, "body": {
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}],
+                "usage": {"prompt_tokens": len(text) // 4, "completion_tokens": 1}}}, "error": None})
+        bid = f"batch-{len(self.batches)}"
+        ofid, efid = f"file-out-{bid}", f"file-err-{bid}"
+        self.files[ofid] = b"".join(orjson.dumps(x) + b"\n" for x in out)
+        self.files[efid] = b"".join(orjson.dumps(x) + b"\n" for x in errors)
+        self.batches[bid] = {"id": bid, "status": self.batch_status, "output_file_id": ofid,
+                             "error_file_id": efid if errors else None,
+                             "request_counts": {"total": len(out) + len(errors), "completed": len(out), "failed": len(errors)}}
+        return web.json_response(self.batches[bid] | {"status": "validating"})
+
+    async def get_batch(self, request: web.Request) -> web.Response:
+        return web.json_response(self.batches[request.match_info["bid"]])
+
     async def models(self, request: web.Request) -> web.Response:
         if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return web.json_response({"error": {"message": "invalid api key"}}, status=401)
@@ -129,6 +169,10 @@ class Stub:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        app.router.add_post("/v1/files", self.upload)
+        app.router.add_get("/v1/files/{fid}/content", self.file_content)
+        app.router.add_post("/v1/batches", self.create_batch)
+        app.router.add_get("/v1/batches/{bid}", self.get_batch)
         return app
 
 
