@@ -65,6 +65,12 @@ class RunSettings(BaseModel):
 def add_cli(sub) -> None:
     p = sub.add_parser("run", help="evaluate a model (endpoint or local) on an items file; resumable",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_run_arguments(p)
+    p.set_defaults(func=cmd_run)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `harness run` (shared with `harness batch submit`)."""
     g = p.add_argument_group("what to evaluate")
     g.add_argument("--endpoint", action="append", default=[], metavar="URL",
                    help="OpenAI-compatible base URL (repeat for several servers). Without it, a local server is started for --model")
@@ -113,7 +119,6 @@ def add_cli(sub) -> None:
     g.add_argument("--dry-run", action="store_true", help="count questions, tokens and cost; send nothing")
     g.add_argument("--quiet", action="store_true", help="no progress display")
     g.add_argument("--force", action="store_true", help="resume even if run.json settings differ")
-    p.set_defaults(func=cmd_run)
 
 
 def _peek_taxonomy(args) -> str:
