@@ -10,11 +10,12 @@ unsupported request field) stop the run with a message instead of burning it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import random
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
@@ -47,9 +48,9 @@ class RetryPolicy:
 def redact_url(url: str) -> str:
     """Drop credentials from a URL (user:pass@host) before it reaches a log or manifest."""
     p = urlsplit(url)
-    host = p.hostname or ""
-    if p.port:
-        host = f"{host}:{p.port}"
+    # FIX: was rebuilt from p.hostname, which drops the brackets of an IPv6 host ([::1] -> ::1:8000)
+    # and lower-cases it; everything after the last "@" of the netloc is the host[:port] as given.
+    host = p.netloc.rpartition("@")[2]
     return urlunsplit((p.scheme, host, p.path, "", ""))
 
 
@@ -88,12 +89,23 @@ def _error_message(body: bytes) -> str:
         return body[:300].decode("utf-8", "replace")
 
 
-def classify(status: int, body: bytes, headers) -> Exception:
-    """Map an HTTP error response to a FatalError or RetryableError."""
-    msg = _error_message(body)
+def _scrub(text: str, secrets) -> str:
+    for s in secrets:
+        if s:
+            text = text.replace(s, "***")
+    return text
+
+
+def classify(status: int, body: bytes, headers, *, key_hint: str = "", secrets=()) -> Exception:
+    """Map an HTTP error response to a FatalError or RetryableError.
+
+    key_hint: what to say about the API key on 401/403 (names the variable, never the key);
+    secrets: strings cut out of the server's message (some servers echo the key they rejected)."""
+    msg = _scrub(_error_message(body), secrets)
     low = msg.lower()
     if status in (401, 403):
-        return FatalError(f"HTTP {status}: authentication failed ({msg}). Check the API key variable (--api-key-env).")
+        return FatalError(f"HTTP {status}: authentication failed ({msg}). "
+                          + (key_hint or "Check the API key variable (--api-key-env)."))
     if status == 404:
         return FatalError(f"HTTP 404: {msg}. Is the model name right? `GET /v1/models` lists what the server serves.")
     if status == 400 or status == 422:
@@ -118,24 +130,40 @@ class Endpoint:
     """One OpenAI-compatible base URL, with its in-flight count (for least-loaded dispatch)."""
 
     def __init__(self, url: str):
-        self.base = normalize_base(url)
+        # FIX: credentials in the URL (http://user:pass@host/v1) made every request fail with aiohttp's
+        # "Cannot combine AUTHORIZATION header with ... credentials encoded in URL" whenever an API
+        # key was set (exit 2 before any question). The base URL now carries no credentials; they
+        # become this endpoint's Basic auth header, used only when no API key (Bearer) is given.
+        p = urlsplit(url)
+        self.headers: dict[str, str] = {}
+        self.password = unquote(p.password) if p.password else None
+        if p.username or p.password:
+            pair = f"{unquote(p.username or '')}:{self.password or ''}".encode()
+            self.headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        self.base = normalize_base(redact_url(url))
         self.in_flight = 0
-        self.display = redact_url(self.base)
+        self.display = self.base
 
 
 class Client:
     """POSTs JSON bodies to the least-loaded endpoint; returns decoded JSON or raises."""
 
     def __init__(self, endpoints: list[str], api_key: str | None, *, timeout: float = 120.0,
-                 connections: int = 256, extra_headers: dict | None = None):
+                 connections: int = 256, extra_headers: dict | None = None, key_env: str | None = None):
         self.endpoints = [Endpoint(u) for u in endpoints]
         self._headers = {"Content-Type": "application/json"}
+        self.key_env = key_env  # the name of the variable holding the key, for messages
+        self._has_key = bool(api_key)
+        self._secrets = tuple(s for s in [api_key, *(e.password for e in self.endpoints)] if s)
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+            for e in self.endpoints:  # the API key wins over URL credentials (one Authorization header)
+                e.headers.pop("Authorization", None)
         if extra_headers:
             self._headers.update(extra_headers)
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self._connections = connections
+        self._rr = 0
         self.session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> "Client":
@@ -149,16 +177,21 @@ class Client:
             await self.session.close()
 
     def pick(self) -> Endpoint:
-        return min(self.endpoints, key=lambda e: e.in_flight)
+        # FIX: ties went to the first endpoint, so at low concurrency (or with fast replies) the other
+        # --endpoint values got nothing; the least-loaded one still wins, ties rotate.
+        n = len(self.endpoints)
+        self._rr = (self._rr + 1) % n
+        return min((self.endpoints[(self._rr + i) % n] for i in range(n)), key=lambda e: e.in_flight)
 
     async def post(self, path: str, body: bytes) -> dict:
         ep = self.pick()
         ep.in_flight += 1
         try:
-            async with self.session.post(ep.base + path, data=body, timeout=self.timeout) as r:  # type: ignore[union-attr]
+            async with self.session.post(ep.base + path, data=body, timeout=self.timeout,  # type: ignore[union-attr]
+                                         headers=ep.headers or None) as r:
                 data = await r.read()
                 if r.status != 200:
-                    raise classify(r.status, data, r.headers)
+                    raise classify(r.status, data, r.headers, key_hint=self.key_hint(), secrets=self._secrets)
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
             raise RetryableError(f"connection error: {type(e).__name__}") from None
         except asyncio.TimeoutError:
@@ -173,8 +206,17 @@ class Client:
             raise RetryableError("malformed response (not an object)")
         return out
 
-    async def get_json(self, url: str) -> tuple[int, object]:
-        async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as r:  # type: ignore[union-attr]
+    def key_hint(self) -> str:
+        """What to check after a 401/403: names the key variable, never shows the key."""
+        if not self.key_env:
+            return "Check the API key variable (--api-key-env)."
+        if not self._has_key:
+            return f"${self.key_env} is not set (--api-key-env names the variable holding the API key)."
+        return f"Check the API key in ${self.key_env} (--api-key-env)."
+
+    async def get_json(self, url: str, headers: dict | None = None) -> tuple[int, object]:
+        async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=10),  # type: ignore[union-attr]
+                                    headers=headers or None) as r:
             data = await r.read()
             try:
                 return r.status, orjson.loads(data)
@@ -188,14 +230,15 @@ class Client:
         for ep in self.endpoints:
             root = ep.base[: -len("/v1")]
             try:
-                st, _ = await self.get_json(root + "/health")
+                st, _ = await self.get_json(root + "/health", ep.headers)
                 if st == 503:
                     raise FatalError(f"{ep.display}: /health says the engine is not ready (503)")
-                st, data = await self.get_json(ep.base + "/models")
+                st, data = await self.get_json(ep.base + "/models", ep.headers)
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                raise FatalError(f"cannot reach {ep.display}: {type(e).__name__}: {e}") from None
+                raise FatalError(_scrub(f"cannot reach {ep.display}: {type(e).__name__}: {e}", self._secrets)) from None
             if st in (401, 403):
-                raise FatalError(f"{ep.display}: authentication failed (HTTP {st}); check --api-key-env")
+                # FIX: said only "check --api-key-env"; name the variable (never the key)
+                raise FatalError(f"{ep.display}: authentication failed (HTTP {st}). {self.key_hint()}")
             if st != 200:
                 continue  # some APIs do not list models; requests will tell
             ids = [m.get("id") for m in data.get("data", [])] if isinstance(data, dict) else []

@@ -126,7 +126,10 @@ class Engine:
             out["letter"] = max(dist, key=dist.__getitem__) if dist else None
             out["letter_logprobs"] = dist
             return out
-        if self.dec.answer == "choice" and raw.strip() not in q.choices:
+        # FIX: an empty completion (a transient fault: ask() retries it once, then keeps it) made this
+        # fatal and stopped the whole run; only a non-empty answer outside the letters shows that the
+        # endpoint ignored structured_outputs.
+        if self.dec.answer == "choice" and raw.strip() and raw.strip() not in q.choices:
             raise FatalError(f"`--answer choice` got {raw[:40]!r}, not one of the offered letters: the endpoint "
                              "ignored vLLM's structured_outputs; use `--answer logprobs` or `--answer generate`")
         out["letter"] = parse_letter(raw, q.choices, self.dec.parser)  # type: ignore[arg-type]

@@ -323,7 +323,8 @@ async def _run_async(args, endpoints: list[str]) -> int:
         raise FatalError("`--answer choice` needs vLLM's structured_outputs, which the OpenAI API does not have; "
                          "use `--answer logprobs` (top_logprobs) or `--answer generate`")
     api_key = os.environ.get(args.api_key_env) or None
-    client = Client(endpoints, api_key, timeout=args.timeout, connections=max(64, args.concurrency * 2))
+    client = Client(endpoints, api_key, timeout=args.timeout, connections=max(64, args.concurrency * 2),
+                    key_env=args.api_key_env)  # messages name the variable, never the key
     async with client:
         if args.dry_run and args.model:
             model = args.model
