@@ -1,0 +1,243 @@
+"""`harness finetune ...`: data, train, merge, serve, compare. Heavy imports happen inside the commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from itertools import islice
+from pathlib import Path
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("finetune", help="LoRA finetuning on the hierarchy items: data, train, merge, serve, compare")
+    sub = p.add_subparsers(dest="finetune_command", metavar="SUBCOMMAND", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    d = sub.add_parser("data", formatter_class=fmt,
+                       help="items -> train/eval split (items and SFT conversations, ours and LLaVA format)")
+    d.add_argument("--data", required=True, help="items JSONL (reference annotation format)")
+    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--taxonomy", help="default: the items' `taxonomy` field, or inferred from the labels")
+    d.add_argument("--modes", default="image,text", help="comma list of image, text")
+    d.add_argument("--split-by", choices=["species", "image", "none"], default="species",
+                   help="what train and eval must not share")
+    d.add_argument("--eval-fraction", type=float, default=0.3, help="share of species (or images) held out")
+    d.add_argument("--split-seed", type=int, default=0)
+    d.add_argument("--answer", choices=["letter", "option", "letter_option"], default="letter",
+                   help="assistant turn: the letter, the option text, or 'B. text'")
+    d.add_argument("--prompt-variant", default=None, help="0..4 for both modes (default 0, or the --profile's)")
+    d.add_argument("--profile", help="a servers/ profile: the model's published image and text prompt variants")
+    d.add_argument("--system", default="helpful",
+                   help="system prompt key (helpful = the reference training data), auto (evaluation default), or none")
+    d.add_argument("--option-seed", type=int, default=0, help="seed of the hashed option order")
+    d.add_argument("--include-root", action="store_true", help="also train on the taxonomy root level")
+    d.add_argument("--dedupe-text", action="store_true",
+                   help="text mode: one conversation per (species, level), not one per image")
+    d.add_argument("--image-root-map", action="append", default=[], metavar="OLD=NEW",
+                   help="rewrite image paths in the SFT files (the split item files keep the original lines)")
+    d.add_argument("--limit", type=int, help="first N items only")
+    d.set_defaults(func=cmd_data)
+
+    t = sub.add_parser("train", formatter_class=fmt, help="LoRA SFT with the transformers Trainer (resumable)")
+    t.add_argument("--model", required=True, help="base model folder or hub id")
+    t.add_argument("--data", required=True, nargs="+", help="SFT files (ours or LLaVA JSON)")
+    t.add_argument("--out", required=True, help="run folder (checkpoints, adapter/, train.json, log.jsonl)")
+    t.add_argument("--eval-data", nargs="*", default=[], help="SFT files for the eval loss")
+    t.add_argument("--image-root-map", action="append", default=[], metavar="OLD=NEW")
+    t.add_argument("--limit", type=int)
+    t.add_argument("--lora-r", type=int, default=64)
+    t.add_argument("--lora-alpha", type=int, default=64)
+    t.add_argument("--lora-dropout", type=float, default=0.2)
+    t.add_argument("--tune-projector", action="store_true", help="train the vision-language projector too")
+    t.add_argument("--lr", type=float, default=5e-5)
+    t.add_argument("--weight-decay", type=float, default=0.1)
+    t.add_argument("--warmup-ratio", type=float, default=0.03)
+    t.add_argument("--scheduler", default="cosine")
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--max-steps", type=int, default=-1)
+    t.add_argument("--global-batch", type=int, default=128, help="examples per optimizer step, all devices")
+    t.add_argument("--per-device-batch", type=int, default=16)
+    t.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="auto: bf16 on a GPU that supports it, else fp32")
+    t.add_argument("--no-gradient-checkpointing", action="store_true")
+    t.add_argument("--max-length", type=int)
+    t.add_argument("--max-side", type=int, help="cap the longest image side (reference Qwen: 1680)")
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--deepspeed", help="`zero2` or a DeepSpeed JSON config")
+    t.add_argument("--save-steps", type=int, default=500)
+    t.add_argument("--save-total-limit", type=int, default=2)
+    t.add_argument("--logging-steps", type=int, default=10)
+    t.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (image decoding)")
+    t.add_argument("--force", action="store_true", help="resume even if train.json settings differ")
+    t.set_defaults(func=cmd_train)
+
+    m = sub.add_parser("merge", formatter_class=fmt, help="merge an adapter into its base: a standalone model folder")
+    m.add_argument("adapter", help="adapter folder (RUN/adapter)")
+    m.add_argument("--out", required=True)
+    m.add_argument("--base", help="base model (default: the one the adapter was trained on)")
+    m.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: the training dtype")
+    m.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("serve", help="`harness serve PROFILE` with the adapter added (vLLM --enable-lora)")
+    s.add_argument("--adapter", required=True, help="adapter folder (RUN/adapter)")
+    s.add_argument("--profile", required=True, help="the base model's serving profile")
+    s.add_argument("--name", default="tuned", help="model name of the adapter in requests")
+    s.add_argument("--model-path", help="serve a local copy of the base model")
+    s.add_argument("--dry-run", action="store_true", help="print the vLLM command")
+    s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after `--`: more vLLM flags")
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("compare", formatter_class=fmt,
+                       help="visual and text HCA of base vs tuned (four `harness run`s and the deltas)")
+    c.add_argument("--data", required=True, help="held-out items (items_eval.jsonl of `finetune data`)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--base-model", required=True, help="served name of the base model (or a local path)")
+    c.add_argument("--tuned-model", required=True, help="served name of the adapter, or a merged model path")
+    c.add_argument("--endpoint", action="append", default=[], help="server(s) for both models")
+    c.add_argument("--tuned-endpoint", action="append", default=[], help="server(s) of the tuned model if different")
+    c.add_argument("--modes", default="image,text")
+    c.add_argument("run_args", nargs=argparse.REMAINDER, help="after `--`: options for every `harness run`")
+    c.set_defaults(func=cmd_compare)
+
+
+def _modes(spec: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in spec.split(",") if m.strip())
+    bad = [m for m in modes if m not in ("image", "text")]
+    if bad or not modes:
+        raise ValueError(f"--modes {spec!r}: use image and/or text")
+    return modes
+
+
+def _taxonomy(args) -> str:
+    from harness.items import read_items
+    from harness.taxonomy import TAXONOMIES, infer_taxonomy
+
+    if args.taxonomy:
+        if args.taxonomy not in TAXONOMIES:
+            raise ValueError(f"unknown taxonomy {args.taxonomy!r}; known: {', '.join(TAXONOMIES)}")
+        return args.taxonomy
+    items = list(islice(read_items(args.data, strict=False), 500))
+    declared = {i.taxonomy for i in items if i.taxonomy}
+    if len(declared) == 1:
+        return declared.pop()
+    guess = infer_taxonomy([i.label for i in items], [i.levels[0].truth or "" for i in items])
+    if guess is None:
+        raise ValueError(f"{args.data}: cannot tell the taxonomy from the labels; pass --taxonomy")
+    return guess
+
+
+def _rest(values: list[str]) -> list[str]:
+    return values[1:] if values[:1] == ["--"] else values
+
+
+def cmd_data(args) -> int:
+    import orjson
+
+    from finetune.data import DataConfig, conversations_from_items, split_items_file, write_jsonl, write_llava
+    from harness.items import file_hash, read_items
+
+    src = Path(args.data)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such items file")
+    modes = _modes(args.modes)
+    tax = _taxonomy(args)
+    variants = {m: args.prompt_variant if args.prompt_variant is not None else 0 for m in modes}
+    if args.profile:
+        from harness.servers import load_profile
+
+        prof = load_profile(args.profile)
+        if args.prompt_variant is None:
+            variants = {m: prof.prompt_variant_for(tax, m) for m in modes}
+    variants = {m: int(v) if isinstance(v, str) and v.isdigit() else v for m, v in variants.items()}
+    system = None if args.system == "none" else args.system
+    cfg = DataConfig(taxonomy=tax, modes=modes, image_variant=variants.get("image", 0),
+                     text_variant=variants.get("text", 0), system=system, answer=args.answer,
+                     seed=args.option_seed, include_root=args.include_root,
+                     dedupe_text=args.dedupe_text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = src
+    if args.limit:
+        source = out / "items_all.jsonl"
+        with src.open("rb") as f, source.open("wb") as g:
+            g.writelines(islice((ln for ln in f if ln.strip()), args.limit))
+    train_items, eval_items, rep = split_items_file(source, out, by=args.split_by, eval_fraction=args.eval_fraction,
+                                                    seed=args.split_seed)
+    counts: dict[str, int] = {}
+    for side, path in (("train", train_items), ("eval", eval_items)):
+        for mode in modes:
+            one = cfg.model_copy(update={"modes": (mode,)})
+            convs = list(conversations_from_items(read_items(path, root_map=args.image_root_map), one))
+            counts[f"sft_{side}_{mode}.jsonl"] = write_jsonl(out / f"sft_{side}_{mode}.jsonl", convs)
+            write_llava(out / f"llava_{side}_{mode}.json", convs)
+    manifest = {"source": str(src), "source_sha256": file_hash(src), "limit": args.limit,
+                "config": cfg.model_dump(mode="json"), "split": rep.model_dump(), "conversations": counts,
+                "image_root_map": args.image_root_map}
+    (out / "data.json").write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    print(f"items: {rep.items['train']:,} train / {rep.items['eval']:,} eval "
+          f"({rep.keys['train']:,} / {rep.keys['eval']:,} distinct {args.split_by}, none shared)")
+    for name, n in counts.items():
+        print(f"  {out / name}: {n:,} conversations (LLaVA format: {name.replace('sft_', 'llava_').replace('.jsonl', '.json')})")
+    print(f"evaluate the held-out items with: harness run --data {eval_items} ...")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from finetune.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        model=args.model, data=args.data, out=args.out, eval_data=args.eval_data, image_root_map=args.image_root_map,
+        limit=args.limit, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        tune_projector=args.tune_projector, learning_rate=args.lr, weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio, scheduler=args.scheduler, epochs=args.epochs, max_steps=args.max_steps,
+        global_batch=args.global_batch, per_device_batch=args.per_device_batch, dtype=args.dtype,
+        gradient_checkpointing=not args.no_gradient_checkpointing, max_length=args.max_length,
+        max_side=args.max_side, seed=args.seed, deepspeed=args.deepspeed, save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit, logging_steps=args.logging_steps, num_workers=args.num_workers,
+    )
+    r = train(cfg, force=args.force)
+    first, last = (r.losses[0], r.losses[-1]) if r.losses else (float("nan"), float("nan"))
+    print(f"trained {r.steps} steps ({r.epochs:.2f} epochs, {r.examples:,} examples, {r.dtype})"
+          + (f", resumed from {r.resumed_from}" if r.resumed_from else "")
+          + f": loss {first:.4f} -> {last:.4f}; {r.tokens_seen:,} tokens in {r.train_seconds:.1f} s "
+          f"({r.tokens_per_second:,.0f} tokens/s); adapter: {r.adapter}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from finetune.merge import dtype_of_folder, merge
+
+    out = merge(args.adapter, args.out, base=args.base, dtype=args.dtype)
+    print(f"merged model ({dtype_of_folder(out)}) written to {out}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from finetune.serve import lora_args
+    from harness.cli import main as cli_main
+
+    argv = ["serve", args.profile]
+    if args.model_path:
+        argv += ["--model-path", args.model_path]
+    if args.dry_run:
+        argv.append("--dry-run")
+    argv += ["--", *lora_args(args.adapter, args.name), *_rest(args.vllm_args)]
+    print(f"# the adapter answers as model {args.name!r}: harness run --model {args.name} ...", file=sys.stderr)
+    return cli_main(argv)
+
+
+def cmd_compare(args) -> int:
+    from finetune.compare import Side, compare, to_markdown_deltas
+
+    base = Side("base", args.base_model, tuple(args.endpoint))
+    tuned = Side("tuned", args.tuned_model, tuple(args.tuned_endpoint or args.endpoint))
+    res = compare(base, tuned, args.data, args.out, modes=_modes(args.modes), run_args=_rest(args.run_args))
+    print(to_markdown_deltas(res["deltas"]), end="")
+    if "text_gain_minus_visual_gain" in res:
+        print(f"text HCA gain minus visual HCA gain: {res['text_gain_minus_visual_gain']:+.2f} points")
+    print(f"-> {Path(args.out) / 'compare.md'}, {Path(args.out) / 'compare.json'}")
+    bad = {k: v for k, v in res["exit_codes"].items() if v}
+    if bad:
+        print(f"harness finetune compare: runs with a non-zero exit: {bad}", file=sys.stderr)
+        return max(bad.values())
+    return 0
