@@ -29,9 +29,23 @@ import orjson
 from harness.metrics import Summary
 from harness.report import summarize_path
 
-__all__ = ["Correlation", "Delta", "Point", "RunInfo", "Spread", "analyze", "analyze_cli", "correlate",
-           "finetune_deltas", "find_runs", "leaf_gap", "load_run", "load_runs", "text_visual_points",
-           "variant_spread"]
+__all__ = [
+    "Correlation",
+    "Delta",
+    "Point",
+    "RunInfo",
+    "Spread",
+    "analyze",
+    "analyze_cli",
+    "correlate",
+    "find_runs",
+    "finetune_deltas",
+    "leaf_gap",
+    "load_run",
+    "load_runs",
+    "text_visual_points",
+    "variant_spread",
+]
 
 
 # --------------------------------------------------------------------------------------------------

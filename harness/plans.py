@@ -27,26 +27,44 @@ import re
 import shlex
 import shutil
 import sys
-import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import orjson
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.paths import data_dir
 from harness.taxonomy import TAXONOMIES
 
-__all__ = ["Axis", "Benchmark", "Cell", "CellState", "Expansion", "ModelEntry", "PlanSpec", "Plan", "PlanError",
-           "Vars", "add_cli", "cell_state", "expand", "launch_server", "load_plan", "plans_dir", "run_plan"]
+__all__ = [
+    "Axis",
+    "Benchmark",
+    "Cell",
+    "CellState",
+    "Expansion",
+    "ModelEntry",
+    "Plan",
+    "PlanError",
+    "PlanSpec",
+    "Vars",
+    "add_cli",
+    "cell_state",
+    "expand",
+    "launch_server",
+    "load_plan",
+    "plans_dir",
+    "run_plan",
+]
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 BenchName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
 Mode = Literal["image", "text", "binary"]
 Variant = int | str
 CELL_FILE = "plan-cell.json"
+EXIT_FATAL = 4  # harness run: the endpoint refused (harness.runner.EXIT_FATAL)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -408,6 +426,7 @@ def expand(plan: PlanSpec, *, variables: Vars | None = None, models: Sequence[st
     for a in axis_names:
         axis_grid = [g + ((a, str(v)),) for g in axis_grid for v in plan.axes[a].values]
     classify = plan.kind != "run"
+    seen: set[str] = set()
     for entry in select_models(plan, models):
         exp.entries[entry.name] = entry
         prof = load_profile(entry.profile) if entry.profile else None
@@ -451,6 +470,10 @@ def expand(plan: PlanSpec, *, variables: Vars | None = None, models: Sequence[st
                                     key = f"{entry.name}/{'.'.join(parts)}"
                                     if only and not any(fnmatch.fnmatchcase(key, g) for g in only):
                                         continue
+                                    if key in seen:  # "profile" and the same explicit variant: one run
+                                        exp.skipped.append((key, "listed twice (the profile's variant is also listed)"))
+                                        continue
+                                    seen.add(key)
                                     cell_out = root / entry.name / ".".join(parts)
                                     args, needs = _cell_args(plan, entry, bench, data, cell_out, mode, var_arg,
                                                              answer, protocol, axes, limit, extra_args, variables)
@@ -742,6 +765,10 @@ def run_plan(exp: Expansion, *, endpoints: dict[str, list[str]] | None = None, l
                         raise KeyboardInterrupt
                     if rc and fail_fast:
                         return outcomes
+                    if rc == EXIT_FATAL:  # the server refused (model not served, bad key, ...): same for the rest
+                        for rest in todo[todo.index(c) + 1:]:
+                            outcomes.append(Outcome(rest.key, f"not run: {c.key} stopped with a server error (exit 4)", 4))
+                        break
         except LaunchUnavailable as err:
             for c in todo:
                 if not any(o.key == c.key for o in outcomes):

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("scipy")
 pytest.importorskip("matplotlib")
 
-from harness import analysis as an  # noqa: E402
+from harness import analysis as an
 
 CUB_FILE = "CUB200_with_similar_choice.jsonl"
 

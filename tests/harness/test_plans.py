@@ -112,20 +112,42 @@ items = { similar = "a.jsonl" }
         plans.expand(plans.load_plan(p).spec)
 
 
+def test_profile_variant_listed_again_is_one_cell(tmp_path):
+    p = write_plan(tmp_path / "p.toml", '''
+name = "x"
+modes = ["image", "text"]
+variants = ["profile", 0, 1]
+[[models]]
+name = "q"
+profile = "qwen2.5-vl-7b"
+[[benchmarks]]
+name = "cub"
+taxonomy = "cub"
+items = { similar = "a.jsonl" }
+''')
+    exp = plans.expand(plans.load_plan(p).spec)
+    # CUB: image variant 0, text variant 1 in the profile
+    assert [c.key.split("/")[1] for c in exp.cells] == [
+        "cub.similar.image.v0.generate.robust", "cub.similar.image.v1.generate.robust",
+        "cub.similar.text.v1.generate.robust", "cub.similar.text.v0.generate.robust"]
+    assert [c.variant == c.profile_variant for c in exp.cells] == [True, False, True, False]
+    assert sum("listed twice" in why for _, why in exp.skipped) == 2
+
+
 # ------------------------------------------------------------------ the shipped plans
 
 # hierarchy-protocol.md section 2.2: image variants behind the published tables
 IMAGE_VARIANTS = {
-    "llava-onevision-7b": dict(inat_animal=0, inat_plant=0, imagenet_artifact=0, imagenet_animal=0, cub=0, food=0),
-    "internvl2.5-8b": dict(inat_animal=1, inat_plant=0, imagenet_artifact=0, imagenet_animal=2, cub=0, food=0),
-    "internvl3-8b": dict(inat_animal=1, inat_plant=0, imagenet_artifact=0, imagenet_animal=0, cub=0, food=0),
-    "qwen2.5-vl-7b": dict(inat_animal=1, inat_plant=1, imagenet_artifact=0, imagenet_animal=0, cub=0, food=0),
-    "qwen2.5-vl-32b": dict(inat_animal=1, inat_plant=0, imagenet_artifact=0, imagenet_animal=0, cub=0, food=0),
-    "qwen2.5-vl-72b": dict(inat_animal=1, inat_plant=0, imagenet_artifact=0, imagenet_animal=0, cub=0, food=0),
+    "llava-onevision-7b": {"inat_animal": 0, "inat_plant": 0, "imagenet_artifact": 0, "imagenet_animal": 0, "cub": 0, "food": 0},
+    "internvl2.5-8b": {"inat_animal": 1, "inat_plant": 0, "imagenet_artifact": 0, "imagenet_animal": 2, "cub": 0, "food": 0},
+    "internvl3-8b": {"inat_animal": 1, "inat_plant": 0, "imagenet_artifact": 0, "imagenet_animal": 0, "cub": 0, "food": 0},
+    "qwen2.5-vl-7b": {"inat_animal": 1, "inat_plant": 1, "imagenet_artifact": 0, "imagenet_animal": 0, "cub": 0, "food": 0},
+    "qwen2.5-vl-32b": {"inat_animal": 1, "inat_plant": 0, "imagenet_artifact": 0, "imagenet_animal": 0, "cub": 0, "food": 0},
+    "qwen2.5-vl-72b": {"inat_animal": 1, "inat_plant": 0, "imagenet_artifact": 0, "imagenet_animal": 0, "cub": 0, "food": 0},
 }
-VLM_TEXT = dict(inat_animal=1, inat_plant=1, imagenet_artifact=2, imagenet_animal=2, cub=1)
+VLM_TEXT = {"inat_animal": 1, "inat_plant": 1, "imagenet_artifact": 2, "imagenet_animal": 2, "cub": 1}
 OG_TEXT = {"qwen2-7b-instruct": VLM_TEXT, "qwen2.5-7b-instruct": VLM_TEXT, "qwen2.5-7b": VLM_TEXT,
-           "internlm2.5-7b-chat": dict(inat_animal=2, inat_plant=2, imagenet_artifact=1, imagenet_animal=1, cub=1)}
+           "internlm2.5-7b-chat": {"inat_animal": 2, "inat_plant": 2, "imagenet_artifact": 1, "imagenet_animal": 1, "cub": 1}}
 
 
 def _expand(name: str, **kw) -> plans.Expansion:
@@ -352,3 +374,15 @@ items = {{ test = "${{SHIPPED}}/CUB200_with_similar_choice.jsonl" }}
         assert st.stub.requests == 0
     assert len(outcomes) == 4 and all("arguments not accepted by `harness run`" in o.result and "--no-such-flag" in o.result
                                       for o in outcomes)
+
+
+def test_a_server_error_stops_that_servers_cells_only(tmp_path):
+    plan = stub_plan(tmp_path, limit=5)
+    plan.write_text(plan.read_text().replace('name = "b"\nmodel = "stub-model"', 'name = "b"\nmodel = "not-served"'))
+    with StubThread(Stub()) as st, StubThread(Stub(model="not-served")) as st2:
+        outcomes = plans.run_plan(plans.expand(plans.load_plan(plan).spec),
+                                  endpoints={"a": [st.url], "b": [st.url]}, log=lambda s: None)
+        assert st2.stub.requests == 0
+    got = [o.result for o in outcomes]
+    assert got[:4] == ["done"] * 4  # model a
+    assert got[4] == "failed (exit 4)" and all(r.startswith("not run: b/cub.similar.text.v1") for r in got[5:])
