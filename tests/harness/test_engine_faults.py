@@ -54,11 +54,9 @@ def _check_outcomes(stub: Stub, recs: list[dict], questions, max_retries: int) -
 
 
 def test_every_fault_kind_is_survived(tmp_path):
-    stub = Stub(faults=FAULTS, fault_attempts=2, slow_seconds=1.5)
-    t0 = time.monotonic()
+    stub = Stub(faults=FAULTS, fault_attempts=2, slow_seconds=4.0)
     with StubThread(stub) as st:
-        eng = run_engine(st.url, CUB_SIMILAR, tmp_path, limit=N_ITEMS, concurrency=48, timeout=0.4, retry=FAST)
-    dt = time.monotonic() - t0
+        eng = run_engine(st.url, CUB_SIMILAR, tmp_path, limit=N_ITEMS, concurrency=48, timeout=1.5, retry=FAST)
     questions = cub_text_questions(CUB_SIMILAR, limit=N_ITEMS)
     assert len(questions) == 3 * N_ITEMS
     recs = read_results(tmp_path / "results.jsonl")  # every line parses
@@ -70,16 +68,18 @@ def test_every_fault_kind_is_survived(tmp_path):
     s = eng.stats
     assert s.answered == len(questions) and s.failed == 0 and s.fatal is None
     assert s.retried >= sum(stub.faults_sent.values()) - stub.faults_sent["empty"]
-    # each distinct text was sent once plus once per retry (identical texts are asked once)
+    # each distinct text was sent once plus once per injected fault (identical texts are asked once);
+    # on a loaded machine a healthy reply can also miss the timeout and be retried, so only ">=" holds
     assert set(stub.by_text) == {q.text for q in questions}
-    assert {t: expected_outcome(stub, t, 8, attempts=True)[2] for t in stub.by_text} == stub.by_text
-    assert dt < 30, dt
+    expected = {t: expected_outcome(stub, t, 8, attempts=True)[2] for t in stub.by_text}
+    assert all(stub.by_text[t] >= n for t, n in expected.items())
+    assert sum(stub.by_text.values()) - sum(expected.values()) <= 0.02 * len(expected)
 
 
 def test_retries_exhausted_are_recorded_with_a_reason(tmp_path):
-    stub = Stub(faults=FAULTS, fault_attempts=2, slow_seconds=1.5)
+    stub = Stub(faults=FAULTS, fault_attempts=2, slow_seconds=4.0)
     with StubThread(stub) as st:
-        eng = run_engine(st.url, CUB_SIMILAR, tmp_path, limit=N_ITEMS, concurrency=48, timeout=0.4,
+        eng = run_engine(st.url, CUB_SIMILAR, tmp_path, limit=N_ITEMS, concurrency=48, timeout=1.5,
                          retry=RetryPolicy(max_retries=0, base=0.005, cap=0.05))
     questions = cub_text_questions(CUB_SIMILAR, limit=N_ITEMS)
     recs = read_results(tmp_path / "results.jsonl")
@@ -242,9 +242,9 @@ def test_choice_without_structured_outputs_suggests_logprobs(tmp_path, capsys):
 def test_constrained_answer_modes_survive_faults(tmp_path, answer):
     """An empty completion is a transient fault in every mode, not proof that the endpoint ignores
     structured_outputs (it used to stop a `--answer choice` run)."""
-    stub = Stub(faults=FAULTS, fault_attempts=2, slow_seconds=1.5)
+    stub = Stub(faults=FAULTS, fault_attempts=2, slow_seconds=4.0)
     with StubThread(stub) as st:
-        eng = run_engine(st.url, CUB_SIMILAR, tmp_path, limit=200, answer=answer, concurrency=48, timeout=0.4,
+        eng = run_engine(st.url, CUB_SIMILAR, tmp_path, limit=200, answer=answer, concurrency=48, timeout=1.5,
                          retry=FAST)
     assert eng.stats.fatal is None and eng.stats.failed == 0
     assert stub.faults_sent["empty"] > 0
@@ -262,13 +262,13 @@ def test_constrained_answer_modes_survive_faults(tmp_path, answer):
 
 
 def test_cli_timeout_is_per_request(tmp_path, capsys):
-    """`--timeout 0.3` cuts a 1.5 s reply; with --max-retries 0 the questions are recorded as timeouts."""
-    stub = Stub(faults={"slow": 1.0}, fault_attempts=1, slow_seconds=1.5)
+    """`--timeout 0.3` cuts a 6 s reply; with --max-retries 0 the questions are recorded as timeouts."""
+    stub = Stub(faults={"slow": 1.0}, fault_attempts=1, slow_seconds=6.0)
     t0 = time.monotonic()
     with StubThread(stub) as st:
         rc, _out, err = run_cli(capsys, "run", "--endpoint", st.url, "--data", CUB_SIMILAR, "--out", tmp_path / "o",
                                "--mode", "text", "--limit", "4", "--quiet", "--timeout", "0.3", "--max-retries", "0")
-        assert time.monotonic() - t0 < 1.4  # did not wait for the slow replies
+        assert time.monotonic() - t0 < 5.0  # did not wait for the 6 s replies
     assert rc == 3, err
     recs = [r for r in read_results(tmp_path / "o" / "results.jsonl") if not r.get("auto")]
     assert len(recs) == 12 and all(r["error"] == "gave up after retries: timeout" for r in recs)
