@@ -42,11 +42,13 @@ def _dump(obj) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
 
 
-def _read_meta(path: Path) -> dict[str, str]:
+def _read_meta(path: Path) -> dict:
+    """A shard's `rows`, `next` and `errors` (one JSON metadata entry: safetensors writes several entries
+    in hash-map order, which would make identical shards differ byte-wise)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="np") as f:
-        return f.metadata() or {}
+        return orjson.loads((f.metadata() or {}).get("probe", "{}"))
 
 
 def _committed_shards(root: Path) -> list[Path]:
@@ -77,6 +79,8 @@ class StoreWriter:
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
+        self.settings = orjson.loads(orjson.dumps(self.settings))  # JSON-normal (tuples -> lists) for comparison
+        self.extra = orjson.loads(orjson.dumps(self.extra))
         if self.store_dtype not in STORE_DTYPES:
             raise ValueError(f"store dtype {self.store_dtype!r}: use one of {', '.join(STORE_DTYPES)}")
         self._np_dtype = STORE_DTYPES[self.store_dtype]
@@ -111,10 +115,10 @@ class StoreWriter:
         with (self.root / INDEX).open("wb") as idx, (self.root / ERRORS).open("wb") as err:
             for k, p in enumerate(shards):
                 meta = _read_meta(p)
-                rows = orjson.loads(meta.get("rows", "[]"))
+                rows = meta.get("rows", [])
                 for j, r in enumerate(rows):
                     idx.write(orjson.dumps({**r, "shard": k, "offset": j}) + b"\n")
-                errs = orjson.loads(meta.get("errors", "[]"))
+                errs = meta.get("errors", [])
                 for e in errs:
                     err.write(orjson.dumps(e) + b"\n")
                 self.n_rows += len(rows)
@@ -133,7 +137,8 @@ class StoreWriter:
             d = int(arr.shape[1])
             if self.dims.setdefault(key, d) != d:
                 raise ValueError(f"feature {key}: dimension {d}, earlier {self.dims[key]}")
-            cast = arr.astype(self._np_dtype)
+            with np.errstate(over="ignore"):
+                cast = arr.astype(self._np_dtype)
             if not np.isfinite(cast).all() and np.isfinite(arr).all():
                 raise OverflowError(f"feature {key}: values beyond the {self.store_dtype} range "
                                     f"(max |x| = {float(np.abs(arr).max()):.4g}); use --store-dtype float32")
@@ -159,11 +164,7 @@ class StoreWriter:
         tensors = {key: np.ascontiguousarray(np.concatenate(parts)) for key, parts in sorted(self._bufs.items())}
         if not self._rows:  # an error-only range still records its `next`
             tensors = {key: np.empty((0, d), self._np_dtype) for key, d in sorted(self.dims.items())}
-        meta = {
-            "rows": orjson.dumps(self._rows).decode(),
-            "next": str(self.next_input),
-            "errors": orjson.dumps(self._errors).decode(),
-        }
+        meta = {"probe": orjson.dumps({"rows": self._rows, "next": self.next_input, "errors": self._errors}).decode()}
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, final)
         with (self.root / INDEX).open("ab") as idx:
@@ -175,6 +176,7 @@ class StoreWriter:
         self.n_rows += len(self._rows)
         self.n_errors += len(self._errors)
         self._bufs, self._rows, self._errors = {}, [], []
+        self._write_manifest(complete=False)
 
     def finish(self, *, complete: bool = True) -> None:
         """Write the last (partial) shard and the manifest; `complete`: the input was exhausted."""
@@ -221,7 +223,7 @@ class FeatureStore:
     def rows(self) -> Iterator[dict]:
         """Index rows in store order (read from the shards themselves, the source of truth)."""
         for p in self.shards:
-            yield from orjson.loads(_read_meta(p).get("rows", "[]"))
+            yield from _read_meta(p).get("rows", [])
 
     def load(self, key: str, dtype=np.float32) -> np.ndarray:
         """All rows of one feature, in store order."""

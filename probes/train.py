@@ -220,18 +220,18 @@ def train_level(x, task: LevelTask, cfg: ProbeConfig) -> LevelResult:
 
     for epoch in range(cfg.epochs):
         model.train()
-        total = 0.0
+        total = torch.zeros((), device=dev)
         for i in range(0, n_train, bs):  # fixed order, as the reference
             opt.zero_grad()
             loss = loss_fn(model(xs["train"][i:i + bs]), ys["train"][i:i + bs])
             loss.backward()
             opt.step()
-            total += float(loss.item()) * min(bs, n_train - i)
+            total += loss.detach() * min(bs, n_train - i)
         model.eval()
         with torch.no_grad():
             preds = {s: predict(s) for s in ("train", "val", "test")}
         accs = {s: acc(preds[s], s) for s in preds}
-        curves["train_loss"].append(total / n_train)
+        curves["train_loss"].append(float(total) / n_train)
         for s in ("train", "val", "test"):
             curves[f"{s}_acc"].append(accs[s])
         score = {"val": accs["val"], "reference": accs["test"], "last": float(epoch)}[cfg.select]
