@@ -144,6 +144,7 @@ def variant_spread_plot(spreads: Sequence[Spread], path: Path) -> Path:
     ax.set_yticks(range(len(spreads)))
     ax.set_yticklabels(labels, fontsize=7)
     ax.invert_yaxis()
+    ax.margins(x=0.12)
     ax.set_xlabel("HCA (%) over prompt variants")
     ax.set_title("Prompt-variant spread (dots: variants, bar: mean)", fontsize=10)
     ax.grid(axis="x", alpha=0.3)

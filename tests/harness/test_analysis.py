@@ -163,10 +163,11 @@ def test_analyze_writes_tables_figures_and_report(tmp_path):
         make_run(tmp_path / "runs" / "vlm0" / f"image-v{v + 1}", model="vlm0", variant=v + 1, outcomes=outcomes(10, h, 3))
     from harness.cli import main
 
-    rc = main(["analyze", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--draws", "200"])
+    rc = main(["analyze", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--draws", "200",
+               "--compare", "vlm0=vlm1"])
     assert rc == 0
     out = tmp_path / "out"
-    for name in ("text_vs_visual", "per_level", "hca_vs_leaf", "variant_spread"):
+    for name in ("text_vs_visual", "per_level", "hca_vs_leaf", "variant_spread", "finetune_deltas"):
         assert _png_ok(out / f"{name}.png"), name
     report = (out / "report.md").read_text()
     for name in ("text_vs_visual.png", "per_level.png", "hca_vs_leaf.png", "variant_spread.png"):
@@ -179,3 +180,6 @@ def test_analyze_writes_tables_figures_and_report(tmp_path):
     (spread,) = data["variant_spread"]
     assert spread["variants"] == "0,1,2,3" and spread["min"] == 20.0 and spread["max"] == 40.0
     assert (out / "runs.csv").read_text().count("\n") == 14
+    deltas = {(d["mode"], d["variant"]): d["hca_delta"] for d in data["finetune_deltas"]}
+    assert deltas == {("image", "0"): -10.0, ("text", "1"): 10.0}
+    assert "Mean HCA change: image -10.00, text +10.00" in report
