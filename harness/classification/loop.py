@@ -239,6 +239,11 @@ class Loop:
 
 # ---------------------------------------------------------------- run folders
 
+# Settings that do not change any answer already given: a run may be extended with a larger --limit
+# (the candidate stream is replayed from its start, so earlier items keep their candidates).
+NOT_FINGERPRINT = frozenset({"limit"})
+
+
 def check_resume(out: Path, settings: dict, force: bool = False) -> None:
     """Refuse to resume a run folder whose answer-changing settings differ."""
     manifest = out / "run.json"
@@ -246,7 +251,7 @@ def check_resume(out: Path, settings: dict, force: bool = False) -> None:
         return
     old = orjson.loads(manifest.read_bytes()).get("settings", {})
     for k, v in settings.items():
-        if k in old and old[k] != v:
+        if k not in NOT_FINGERPRINT and k in old and old[k] != v:
             raise ValueError(f"{manifest}: this folder holds a run with other settings ({k}: {old[k]!r} -> {v!r}). "
                              "Use another --out, or --force to resume anyway.")
 
