@@ -152,7 +152,17 @@ def last_checkpoint(out: Path) -> Path | None:
     return max(cks, key=lambda p: int(p.name.split("-")[-1])) if cks else None
 
 
-def build(cfg: TrainConfig):
+def _checkpointing(args_cls, on: bool) -> dict:
+    """Gradient checkpointing flags under their current name (transformers 5.x renamed them
+    `activation_checkpointing*`; 4.x knows only `gradient_checkpointing*`)."""
+    import dataclasses
+
+    name = "activation_checkpointing" if "activation_checkpointing" in {f.name for f in dataclasses.fields(args_cls)} \
+        else "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False}}
+
+
+def build(cfg: TrainConfig, callbacks=None):
     """(trainer, processor, dtype name): model wrapped with LoRA, datasets, TrainingArguments."""
     import torch
     from transformers import Trainer, TrainingArguments
@@ -171,6 +181,9 @@ def build(cfg: TrainConfig):
     processor = load_processor(cfg.model)
     encoder = Encoder(processor, max_length=cfg.max_length, max_side=cfg.max_side)
     encoder.encode(convs[0])  # fail fast (template, image, length) before loading weights onto devices
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # LoRA's A matrices are drawn from the global RNG when the model is wrapped
     model = load_model(cfg.model, dtype)
     model.config.use_cache = False
     model = apply_lora(model, LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.tune_projector))
@@ -189,8 +202,8 @@ def build(cfg: TrainConfig):
         optim="adamw_torch",
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **_checkpointing(TrainingArguments, cfg.gradient_checkpointing),
+        dataloader_pin_memory=torch.cuda.is_available(),
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
@@ -213,6 +226,7 @@ def build(cfg: TrainConfig):
         train_dataset=SFTDataset(convs, encoder),
         eval_dataset=SFTDataset(evals, encoder) if evals else None,
         data_collator=Collator(tok.pad_token_id),
+        callbacks=callbacks,
     )
     return trainer, processor, DTYPE_NAMES[dtype]
 
@@ -225,15 +239,16 @@ def _write_manifest(out: Path, cfg: TrainConfig, status: str, extra: dict | None
     os.replace(tmp, out / "train.json")
 
 
-def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
-    """Train (or resume) and save the adapter to `out/adapter`."""
+def train(cfg: TrainConfig, *, force: bool = False, callbacks=None) -> TrainResult:
+    """Train (or resume from the newest checkpoint) and save the adapter to `out/adapter`.
+    `callbacks`: extra transformers TrainerCallbacks."""
     for p in cfg.data + cfg.eval_data:
         if not Path(p).is_file():
             raise FileNotFoundError(f"{p}: no such SFT data file")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     check_resume(out, cfg, force)
-    trainer, processor, dtype_name = build(cfg)
+    trainer, processor, dtype_name = build(cfg, callbacks)
     resume = last_checkpoint(out)
     main = trainer.is_world_process_zero()
     if main:
@@ -261,5 +276,6 @@ def train(cfg: TrainConfig, *, force: bool = False) -> TrainResult:
         with (out / "log.jsonl").open("wb") as f:
             for h in history:
                 f.write(orjson.dumps(h) + b"\n")
-        _write_manifest(out, cfg, "done", {"dtype": dtype_name, "result": result.model_dump(mode="json")})
+        status = "done" if trainer.state.global_step >= trainer.state.max_steps else "stopped"
+        _write_manifest(out, cfg, status, {"dtype": dtype_name, "result": result.model_dump(mode="json")})
     return result
