@@ -9,7 +9,7 @@ an endpoint from the plan or `--endpoint NAME=URL`, or a server the plan starts 
 model's `servers/` profile, or `transformers serve` for a local `path`).
 
 Paths may use `${NAME}` variables (`--set NAME=VALUE` > environment > the plan's `[vars]` >
-built-ins `SHIPPED`, the shipped annotation folder, and `PLAN`, the plan name), so plans can name data
+built-ins `SHIPPED` / `SHIPPED_CLS`, the shipped hierarchy / classification files, and `PLAN`), so plans can name data
 that is not public; `harness plan status` says which variable or file a cell still needs.
 
 CLI: `harness plan expand|status|run PLAN`, and `harness analyze RUNS... --out DIR` (cross-run
@@ -306,6 +306,12 @@ class Vars:
         out = {"PLAN": plan.name}
         with contextlib.suppress(FileNotFoundError):
             out["SHIPPED"] = str(data_dir("hierarchy"))
+        try:  # the classification lists (issue 7's package), where it ships them
+            from harness.classification.datasets import data_dir as cls_dir
+
+            out["SHIPPED_CLS"] = str(cls_dir())
+        except Exception:  # noqa: BLE001 - not installed / not built yet: the variable stays unset
+            pass
         return out
 
     def get(self, name: str) -> str | None:
@@ -362,9 +368,11 @@ class Cell:
     args: tuple[str, ...]
     needs: tuple[str, ...] = ()
     """Unset variables this cell's arguments refer to."""
+    n_cmd: int = 1
+    """How many leading words of `args` are the subcommand (e.g. 2 for `classify run`)."""
 
     def command(self, endpoints: Sequence[str], served: str | None) -> list[str]:
-        head, rest = [self.args[0]], list(self.args[1:])
+        head, rest = list(self.args[:self.n_cmd]), list(self.args[self.n_cmd:])
         extra: list[str] = []
         for e in endpoints:
             extra += ["--endpoint", e]
@@ -482,7 +490,8 @@ def expand(plan: PlanSpec, *, variables: Vars | None = None, models: Sequence[st
                                         variant=var_key if not classify else None,
                                         profile_variant=None if isinstance(pv, Exception) else pv,
                                         answer=answer, protocol=protocol, axes=axes, data=data, out=cell_out,
-                                        args=tuple(args), needs=tuple(dict.fromkeys(data_missing + needs))))
+                                        args=tuple(args), needs=tuple(dict.fromkeys(data_missing + needs)),
+                                        n_cmd=len(plan.cell_command)))
     return exp
 
 
@@ -593,7 +602,7 @@ def cell_state(cell: Cell, commands: set[str] | None = None) -> CellState:
     if summ.is_file():
         with contextlib.suppress(Exception):
             s = orjson.loads(summ.read_bytes())
-            hca, leaf = s.get("hca"), s.get("leaf_acc")
+            hca, leaf = s.get("hca", s.get("accuracy")), s.get("leaf_acc")  # classification runs: accuracy
     if status == "done":
         return CellState("done", "", lines, hca, leaf)
     why = blocked_reason(cell, commands)
@@ -842,8 +851,8 @@ def _cmd_status(args) -> int:
                                       option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         t = Table(title=f"plan {exp.plan.name} ({exp.out})")
-        for col in ("cell", "state", "lines", "HCA", "leaf", "note"):
-            t.add_column(col, justify="right" if col in ("lines", "HCA", "leaf") else "left", overflow="fold")
+        for col in ("cell", "state", "lines", "HCA/acc", "leaf", "note"):
+            t.add_column(col, justify="right" if col in ("lines", "HCA/acc", "leaf") else "left", overflow="fold")
         colour = {"done": "green", "partial": "yellow", "missing": "white", "blocked": "red"}
         for c, s in states:
             t.add_row(c.key, f"[{colour[s.state]}]{s.state}[/]", f"{s.lines:,}" if s.lines else "",

@@ -386,3 +386,54 @@ def test_a_server_error_stops_that_servers_cells_only(tmp_path):
     got = [o.result for o in outcomes]
     assert got[:4] == ["done"] * 4  # model a
     assert got[4] == "failed (exit 4)" and all(r.startswith("not run: b/cub.similar.text.v1") for r in got[5:])
+
+
+def _classify_available() -> bool:
+    return "classify" in plans.available_commands()
+
+
+@pytest.mark.skipif(not _classify_available(), reason="`harness classify` not built yet")
+def test_shipped_classification_cells_are_accepted_by_harness_classify():
+    exp = _expand("classify-label-size")
+    bad = {c.key: plans._check_args(c.command(["http://127.0.0.1:9/v1"], "m")) for c in exp.cells}
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+@pytest.mark.skipif(not _classify_available(), reason="`harness classify` not built yet")
+def test_classification_cells_run_against_the_stub(tmp_path):
+    from PIL import Image
+
+    classes = ["rose", "tulip", "daisy", "lily", "orchid", "iris"]
+    (tmp_path / "classes.json").write_text(orjson.dumps(classes).decode())
+    lines = []
+    for i, c in enumerate(classes):
+        Image.new("RGB", (16, 16), (i * 40, 90, 50)).save(tmp_path / f"{i}.png")
+        lines.append(orjson.dumps({"image": str(tmp_path / f"{i}.png"), "label": c, "split": "test"}).decode())
+    (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
+    plan = write_plan(tmp_path / "c.toml", f'''
+name = "cls"
+kind = "classify"
+command = ["classify", "run"]
+out = "{tmp_path / 'out'}"
+choices = "test"
+protocol = "reference"
+args = ["--task", "closed", "--quiet"]
+[axes.k]
+flag = "--k"
+values = [2, "all"]
+[[models]]
+name = "m"
+model = "stub-model"
+[[benchmarks]]
+name = "mini"
+items = {{ test = "{tmp_path / 'list.jsonl'}" }}
+args = ["--classes", "{tmp_path / 'classes.json'}"]
+''')
+    with StubThread(Stub()) as st:
+        first = plans.run_plan(plans.expand(plans.load_plan(plan).spec), endpoints={"m": [st.url]}, log=lambda s: None)
+        asked = st.stub.requests
+        again = plans.run_plan(plans.expand(plans.load_plan(plan).spec), endpoints={"m": [st.url]}, log=lambda s: None)
+        assert st.stub.requests == asked == 12  # 6 images x 2 cells, then nothing
+    assert [o.result for o in first] == ["done", "done"] and [o.result for o in again] == ["skipped (done)"] * 2
+    recs = [orjson.loads(x) for x in (tmp_path / "out/m/mini.test.reference.k2/results.jsonl").read_bytes().splitlines()]
+    assert len(recs) == 6 and all(r["k"] == 2 and r["label"] in r["choices"] for r in recs)
