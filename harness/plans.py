@@ -306,12 +306,11 @@ class Vars:
         out = {"PLAN": plan.name}
         with contextlib.suppress(FileNotFoundError):
             out["SHIPPED"] = str(data_dir("hierarchy"))
-        try:  # the classification lists (issue 7's package), where it ships them
+        # the classification lists (issue 7's package), where it ships them; else the variable stays unset
+        with contextlib.suppress(ImportError, FileNotFoundError, AttributeError):
             from harness.classification.datasets import data_dir as cls_dir
 
             out["SHIPPED_CLS"] = str(cls_dir())
-        except Exception:  # noqa: BLE001 - not installed / not built yet: the variable stays unset
-            pass
         return out
 
     def get(self, name: str) -> str | None:
