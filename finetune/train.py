@@ -152,6 +152,13 @@ def last_checkpoint(out: Path) -> Path | None:
     return max(cks, key=lambda p: int(p.name.split("-")[-1])) if cks else None
 
 
+def _accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or bool(getattr(torch, "xpu", None) and torch.xpu.is_available()) or \
+        torch.backends.mps.is_available()
+
+
 def _checkpointing(args_cls, on: bool) -> dict:
     """Gradient checkpointing flags under their current name (transformers 5.x renamed them
     `activation_checkpointing*`; 4.x knows only `gradient_checkpointing*`)."""
@@ -204,6 +211,7 @@ def build(cfg: TrainConfig, callbacks=None):
         fp16=dtype == torch.float16,
         **_checkpointing(TrainingArguments, cfg.gradient_checkpointing),
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not _accelerator(),
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,

@@ -1,0 +1,69 @@
+"""Merging: the standalone model gives the same A-D log-probs as base + adapter, in the training dtype."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("peft")
+
+import torch  # noqa: E402
+from ft_support import short_run  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from finetune.data import read_conversations  # noqa: E402
+from finetune.merge import dtype_of_folder, letter_logprobs, load_tuned, merge  # noqa: E402
+from finetune.model import load_model, load_processor  # noqa: E402
+
+
+def _first(sft, mode):
+    return next(c for c in read_conversations(sft) if c.meta["mode"] == mode)
+
+
+@pytest.mark.parametrize("run, family", [("llava_run", "ft_llava_dir"), ("qwen_run", "ft_qwen_dir")])
+def test_merged_model_and_base_plus_adapter_agree(run, family, request, ft_sft, tmp_path):
+    r, base_dir = request.getfixturevalue(run), request.getfixturevalue(family)
+    out = merge(r.adapter, tmp_path / "merged")
+    assert dtype_of_folder(out) == "fp32"
+    tuned, proc, _ = load_tuned(r.adapter)
+    merged = load_model(str(out)).eval()
+    base = load_model(str(base_dir)).eval()
+    merged_proc = load_processor(str(out))
+    for mode in ("image", "text"):
+        conv = _first(ft_sft, mode)
+        a = letter_logprobs(tuned, proc, conv)
+        b = letter_logprobs(merged, merged_proc, conv)
+        c = letter_logprobs(base, proc, conv)
+        assert list(a) == list("ABCD")
+        for L in a:
+            assert b[L] == pytest.approx(a[L], abs=1e-4), (mode, a, b)
+        assert max(abs(a[L] - c[L]) for L in a) > 1e-3  # the adapter does change the answer distribution
+    # no LoRA modules left; same tensor names as the base checkpoint (what servers load)
+    keys = set(load_file(out / "model.safetensors"))
+    assert not any("lora_" in k for k in keys) and keys == set(load_file(base_dir / "model.safetensors"))
+    info = json.loads((out / "finetune.json").read_text())
+    assert info["merged_from"] == r.adapter and info["base_model"] == str(base_dir)
+
+
+def test_bf16_training_merges_into_bf16_not_fp16(ft_llava_dir, ft_sft, tmp_path):
+    r = short_run(ft_llava_dir, ft_sft, tmp_path / "run", dtype="bf16", max_steps=1, limit=4, global_batch=4,
+                  per_device_batch=4)
+    assert r.dtype == "bf16"
+    out = merge(r.adapter, tmp_path / "merged")
+    assert dtype_of_folder(out) == "bf16"
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    tuned, proc, name = load_tuned(r.adapter)
+    assert name == "bf16"
+    merged = load_model(str(out), torch.bfloat16).eval()
+    conv = _first(ft_sft, "image")
+    a, b = letter_logprobs(tuned, proc, conv), letter_logprobs(merged, load_processor(str(out)), conv)
+    for L in a:
+        assert b[L] == pytest.approx(a[L], abs=0.1)  # bf16 rounding of the merged weights
+    # another dtype only when asked for
+    assert dtype_of_folder(merge(r.adapter, tmp_path / "fp32", dtype="fp32")) == "fp32"
+
+
+def test_merge_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        merge(tmp_path, tmp_path / "out")
