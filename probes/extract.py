@@ -6,6 +6,7 @@ forward calls the base model (no LM head) and stops after the deepest requested 
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import queue
 import sys
@@ -74,9 +75,12 @@ class Extractor:
         self.torch_dtype = _resolve_dtype(dtype, self.device)
         self.processor = AutoProcessor.from_pretrained(self.model_dir)
         model = None
+        kw: dict = {"dtype": self.torch_dtype}
+        if self.device.startswith("cuda") and importlib.util.find_spec("accelerate"):
+            kw["device_map"] = self.device  # load straight onto the GPU
         for auto in ("AutoModelForImageTextToText", "AutoModelForCausalLM"):
             try:
-                model = getattr(transformers, auto).from_pretrained(self.model_dir, dtype=self.torch_dtype)
+                model = getattr(transformers, auto).from_pretrained(self.model_dir, **kw)
                 break
             except ValueError:  # this auto class does not know the config: try the next
                 continue
@@ -95,6 +99,8 @@ class Extractor:
         self.has_images = ip is not None
         self.factor = int(getattr(ip, "patch_size", 14) or 14) * int(getattr(ip, "merge_size", 1) or 1)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        if getattr(self.tokenizer, "pad_token", "") is None:  # llama-style tokenizers: batches need a pad token
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self._torch = torch
 
     @property

@@ -193,3 +193,35 @@ def test_qwen25_window_order_matches_the_reference(qwen25_ext, tmp_path):
     img = inputs["input_ids"][0] == ext.image_token_id
     close(hs[0][0][img], out.pooler_output)
     close(torch.from_numpy(got["llm.0.img_last"][0]), out.pooler_output[-1])
+
+
+def test_text_only_llm(tmp_path):
+    """Plain causal LMs (the study's "OG" LLMs): the llama row of the table, a tokenizer as processor, a
+    pad token supplied for batching; every hidden state's mean matches output_hidden_states."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from harness.tinymodels import build_tokenizer
+    from probes.extract import Extractor
+
+    tok = build_tokenizer("llava")
+    tok.pad_token = None
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    ext = Extractor(tmp_path, device="cpu")
+    assert ext.model_type == "llama" and ext.n_layers == 3 and not ext.has_images
+    recipe = load_recipe("text")
+    prompts = [ext.prompt(recipe, text=t, image=False) for t in ("Given the Ani, what is it?", "Sparrow")]
+    keys = feature_keys(expand_sites(["llm.all"], ext.n_layers), ["mean", "last"])
+    got = ext.features(ext.encode(prompts, None), keys, n_images=0)
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            hs = ext.model(**ext.encode([p], None), output_hidden_states=True).hidden_states
+        for k in range(4):
+            torch.testing.assert_close(torch.from_numpy(got[f"llm.{k}.mean"][i]), hs[k][0].mean(0), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(torch.from_numpy(got[f"llm.{k}.last"][i]), hs[k][0][-1], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="text-only model cannot take images"):
+        ext.prompt(load_recipe("hierarchy-vision"), text=None, image=True)
