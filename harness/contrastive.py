@@ -214,9 +214,14 @@ def load_model(spec: str, device: str | None = "auto", dtype: str | torch.dtype 
     """Load a CLIP/SigLIP model from a spec (see :func:`parse_spec`) onto `device`, in eval mode."""
     backend, name = parse_spec(spec)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
-    if backend == "open_clip":
-        return _load_open_clip(spec, name, dev, dt)
-    return _load_hf(spec, name, dev, dt)
+    try:
+        if backend == "open_clip":
+            return _load_open_clip(spec, name, dev, dt)
+        return _load_hf(spec, name, dev, dt)
+    except (OSError, RuntimeError) as e:  # no network / no such repo / bad checkpoint: name the model
+        if isinstance(e, FileNotFoundError) and str(e).startswith("model "):
+            raise
+        raise ValueError(f"model {spec!r}: cannot load: {type(e).__name__}: {str(e).strip()[:500]}") from e
 
 
 def _load_open_clip(spec: str, name: str, dev: torch.device, dt: torch.dtype) -> OpenClipModel:
@@ -312,3 +317,31 @@ def _done(x, fut: Future):
 def default_workers() -> int:
     """Image threads: the CPU count minus one for the encoder loop (at least 1), at most 16."""
     return max(1, min(16, (os.cpu_count() or 2) - 1))
+
+
+
+def embed_images(model: ContrastiveModel, inputs: Iterable[T], *, path: Callable[[T], str] = str,
+                 batch_size: int = 64, workers: int = 4) -> Iterator[tuple[T, torch.Tensor | BaseException]]:
+    """(input, L2-normalised embedding (D,)) in input order, each image decoded once in the background
+    pool and encoded `batch_size` at a time; an unreadable image yields its exception instead.
+    `path(input)` gives the file to read (default: the input itself)."""
+    pixels: list[torch.Tensor] = []
+    pending: list[tuple[T, int | BaseException]] = []  # (input, row in `pixels` or its error)
+
+    def flush() -> Iterator[tuple[T, torch.Tensor | BaseException]]:
+        emb = model.encode_images(torch.stack(pixels)) if pixels else None
+        for x, r in pending:
+            yield x, (r if isinstance(r, BaseException) else emb[r])  # type: ignore[index]
+        pixels.clear()
+        pending.clear()
+
+    for x, px in prefetch(inputs, lambda x: load_pixels(path(x), model), workers,
+                          ahead=max(2 * batch_size, workers * 4)):
+        if isinstance(px, BaseException):
+            pending.append((x, px))
+        else:
+            pending.append((x, len(pixels)))
+            pixels.append(px)
+        if len(pixels) >= batch_size:
+            yield from flush()
+    yield from flush()

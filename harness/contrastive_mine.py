@@ -22,7 +22,13 @@ from pathlib import Path
 
 import torch
 
-from harness.contrastive import DEFAULT_SIGLIP, ContrastiveModel, default_workers, load_model, load_pixels, prefetch
+from harness.contrastive import (
+    DEFAULT_SIGLIP,
+    ContrastiveModel,
+    default_workers,
+    embed_images,
+    load_model,
+)
 from harness.contrastive_score import TextVocab, check_template, fill
 from harness.distractors import LevelQuery, check_distractors, depth_pools, rng_for
 from harness.items import parse_root_map, read_items, remap
@@ -81,19 +87,13 @@ class SimilarDistractors:
 
     def embed_images(self, images: Sequence[str]) -> torch.Tensor:
         """(len(images), D) embeddings; images read through image_root_map, decoded in the pool."""
-        out: list[torch.Tensor] = []
-        batch: list[torch.Tensor] = []
-        for img, px in prefetch(images, lambda p: load_pixels(remap(p, self.root_map), self.model),
-                                self.workers, ahead=max(2 * self.batch_size, 4)):
-            if isinstance(px, BaseException):
-                raise ValueError(f"similar distractors: cannot read image {img!r}: {px}") from px
-            batch.append(px)
-            if len(batch) >= self.batch_size:
-                out.append(self.model.encode_images(torch.stack(batch)))
-                batch = []
-        if batch:
-            out.append(self.model.encode_images(torch.stack(batch)))
-        return torch.cat(out) if out else torch.empty(0)
+        rows = []
+        for img, emb in embed_images(self.model, images, path=lambda p: remap(p, self.root_map),
+                                     batch_size=self.batch_size, workers=self.workers):
+            if isinstance(emb, BaseException):
+                raise ValueError(f"similar distractors: cannot read image {img!r}: {emb}") from emb  # noqa: TRY004
+            rows.append(emb)
+        return torch.stack(rows) if rows else torch.empty(0)
 
     # -- the strategy ------------------------------------------------------------------------------
 

@@ -299,14 +299,14 @@ def run_clip(run: ClipRun, model: ContrastiveModel | None = None, log=None) -> i
     out = Path(run.out)
     settings = run.settings()
     _check_resume(out, settings, run.force)
+    if model is None:  # before the folder is made: a model that cannot load leaves nothing behind
+        from harness.contrastive import load_model
+
+        model = load_model(run.model, run.device, run.dtype)
     out.mkdir(parents=True, exist_ok=True)
     store = ResultStore(out / "results.jsonl")
     done, _ = store.scan(retry_errors=run.retry_errors)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    if model is None:
-        from harness.contrastive import load_model
-
-        model = load_model(run.model, run.device, run.dtype)
     _write_manifest(out, settings, run, "running", started, model)
     report = ReadReport()
     items: Iterable[Item] = read_items(run.data, root_map=run.image_root_map, strict=run.strict, report=report)

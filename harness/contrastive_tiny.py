@@ -62,14 +62,21 @@ def build_tiny_hf(out_dir: str | Path, kind: Literal["clip", "siglip"] = "siglip
     """A transformers CLIPModel or SiglipModel (1 layer, width 32, 32x32 images) with tokenizer and
     image processor, saved into `out_dir` (loadable with `hf:out_dir` or the plain folder path)."""
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, SiglipConfig, SiglipImageProcessor, SiglipModel
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        SiglipConfig,
+        SiglipImageProcessor,
+        SiglipModel,
+    )
     from transformers.utils import logging as hf_logging
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(kind)
     vocab = len(tok)
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
     torch.manual_seed(SEED)
     if kind == "clip":
         eos = tok.eos_token_id

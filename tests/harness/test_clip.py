@@ -16,10 +16,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from _clip_support import CUB_SIMILAR, cub_images, one_thread  # noqa: E402
+from _clip_support import CUB_SIMILAR, cub_images, one_thread
 
-from harness.contrastive import EncoderCounts, load_model, parse_spec, prefetch  # noqa: E402
-from harness.contrastive_score import (  # noqa: E402
+from harness.contrastive import EncoderCounts, load_model, parse_spec, prefetch
+from harness.contrastive_score import (
     BatchScorer,
     ScoreStats,
     TextVocab,
@@ -29,10 +29,10 @@ from harness.contrastive_score import (  # noqa: E402
     reference_scores,
     score_items,
 )
-from harness.contrastive_tiny import build_tiny_hf, build_tiny_open_clip  # noqa: E402
-from harness.items import read_items  # noqa: E402
-from harness.prompts import make_qid  # noqa: E402
-from harness.report import summarize_path  # noqa: E402
+from harness.contrastive_tiny import build_tiny_hf, build_tiny_open_clip
+from harness.items import read_items
+from harness.prompts import make_qid
+from harness.report import summarize_path
 
 TEMPLATE = "a photo of a {}."
 N_ITEMS = 240  # "a few hundred CUB items": 960 questions
@@ -309,4 +309,20 @@ def test_prefetch_keeps_order_delivers_errors_and_stays_bounded():
         got.append((x, r))
     assert [x for x, _ in got] == list(range(40))
     assert isinstance(got[5][1], OSError) and [r for _, r in got[6:8]] == [36, 49]
-    assert list(prefetch([1, 2], lambda x: 1 // (x - 1), workers=0))[0][1].__class__ is ZeroDivisionError
+    first, second = prefetch([1, 2], lambda x: 1 // (x - 1), workers=0)
+    assert isinstance(first[1], ZeroDivisionError) and second == (2, 1)
+
+
+def test_embed_images_keeps_order_and_reports_unreadable_images(tiny, tmp_path):
+    from harness.contrastive import embed_images, load_pixels
+
+    root_map = cub_images(tmp_path, 3)
+    paths = [it.image for it in _items(root_map, 3)]
+    inputs = [paths[0], str(tmp_path / "missing.jpg"), paths[1], paths[0], paths[2]]  # a repeat, a hole
+    model = load_model(str(tiny["siglip"]), "cpu")
+    got = list(embed_images(model, inputs, batch_size=2, workers=2))
+    assert [x for x, _ in got] == inputs
+    assert isinstance(got[1][1], FileNotFoundError) and "missing.jpg" in str(got[1][1])
+    for x, e in got[:1] + got[2:]:
+        assert torch.allclose(e, model.encode_images(load_pixels(x, model)[None])[0], atol=1e-5)
+    assert torch.allclose(got[0][1], got[3][1], atol=1e-6)
