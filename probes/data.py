@@ -9,6 +9,7 @@ Everything streams: memory does not grow with the file.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -80,7 +81,8 @@ def read_image_items(
     path = Path(path)
     rm = parse_root_map(root_map)
     idx = leaf_index(taxonomy) if taxonomy is not None else None
-    seen: dict[str, int] = {}
+    dups = duplicate_ids(path)
+    seen: dict[str, int] = {}  # only the (few) duplicated ids
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
@@ -118,11 +120,53 @@ def read_image_items(
             if not isinstance(item_id, (str, int)):
                 raise ItemError(path, lineno, "id", "must be a string or integer")
             item_id = str(item_id)
-            k = seen.get(item_id, 0)
-            seen[item_id] = k + 1
-            if k:
-                item_id = f"{item_id}#{k + 1}"
+            if item_id in dups:
+                k = seen.get(item_id, 0)
+                seen[item_id] = k + 1
+                if k:
+                    item_id = f"{item_id}#{k + 1}"
             yield ProbeItem(item_id, item_id, rec["split"], tuple(labels), image=remap(rec["image"], rm), line=lineno)
+
+
+def _record_id(raw: bytes) -> str | None:
+    try:
+        rec = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(rec, dict):
+        return None
+    v = rec.get("id", rec.get("image"))
+    return str(v) if isinstance(v, (str, int)) else None
+
+
+def duplicate_ids(path: str | Path) -> set[str]:
+    """Ids occurring more than once (they get a `#k` suffix from the second on, as harness items do).
+
+    Two streaming passes with 8 bytes per record in between (a sorted array of id hashes), so memory
+    stays flat at a million records instead of holding every id string."""
+    from array import array
+
+    import numpy as np
+
+    def h(s: str) -> int:
+        return int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little")
+
+    hashes = array("Q")
+    with Path(path).open("rb") as f:
+        for raw in f:
+            if raw.strip() and (i := _record_id(raw)) is not None:
+                hashes.append(h(i))
+    a = np.sort(np.frombuffer(hashes, dtype=np.uint64)) if hashes else np.empty(0, np.uint64)
+    del hashes
+    dup_hashes = set(a[1:][a[1:] == a[:-1]].tolist())
+    if not dup_hashes:
+        return set()
+    out: set[str] = set()
+    with Path(path).open("rb") as f:
+        for raw in f:
+            if raw.strip() and (i := _record_id(raw)) is not None and h(i) in dup_hashes:
+                out.add(i)
+    return out
 
 
 def load_split_taxonomy(path: str | Path) -> dict[str, tuple[str, ...]]:

@@ -106,3 +106,14 @@ def test_recipes_hold_the_reference_settings():
     assert r["text"].system == "You are a helpful assistant." and r["text"].sites == ("llm.all",)
     with pytest.raises(ValueError, match="unknown recipe"):
         load_recipe("nope")
+
+
+def test_duplicate_images_get_distinct_ids(tmp_path):
+    from probes.data import duplicate_ids
+
+    f = tmp_path / "d.jsonl"
+    rec = '{{"image": "{}", "label": "Sooty Albatross", "split": "train"}}\n'
+    f.write_text(rec.format("a.jpg") + rec.format("b.jpg") + rec.format("a.jpg") + rec.format("a.jpg"))
+    assert duplicate_ids(f) == {"a.jpg"}
+    ids = [i.id for i in read_image_items(f, taxonomy=load_taxonomy("cub"))]
+    assert ids == ["a.jpg", "b.jpg", "a.jpg#2", "a.jpg#3"]
