@@ -69,6 +69,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--logging-steps", type=int, default=10)
     t.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (image decoding)")
     t.add_argument("--force", action="store_true", help="resume even if train.json settings differ")
+    t.add_argument("--quiet", action="store_true", help="no per-step log lines (log.jsonl still has them)")
     t.set_defaults(func=cmd_train)
 
     m = sub.add_parser("merge", formatter_class=fmt, help="merge an adapter into its base: a standalone model folder")
@@ -195,7 +196,7 @@ def cmd_train(args) -> int:
         max_side=args.max_side, seed=args.seed, deepspeed=args.deepspeed, save_steps=args.save_steps,
         save_total_limit=args.save_total_limit, logging_steps=args.logging_steps, num_workers=args.num_workers,
     )
-    r = train(cfg, force=args.force)
+    r = train(cfg, force=args.force, quiet=args.quiet)
     first, last = (r.losses[0], r.losses[-1]) if r.losses else (float("nan"), float("nan"))
     print(f"trained {r.steps} steps ({r.epochs:.2f} epochs, {r.examples:,} examples, {r.dtype})"
           + (f", resumed from {r.resumed_from}" if r.resumed_from else "")

@@ -73,8 +73,8 @@ def compare(base: Side, tuned: Side, data: str | Path, out: str | Path, *, modes
     if "image" in deltas and "text" in deltas:
         result["text_gain_minus_visual_gain"] = deltas["text"]["delta_hca"] - deltas["image"]["delta_hca"]
     (out / "compare.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (out / "compare.md").write_text(to_markdown_deltas(deltas) + "\n" + to_markdown(list(
-        (k, summaries[k]) for k in present)))
+    (out / "compare.md").write_text(to_markdown_deltas(deltas) + "\n" + to_markdown(
+        [(k, summaries[k]) for k in present]))
     return result
 
 

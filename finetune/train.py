@@ -169,14 +169,21 @@ def _checkpointing(args_cls, on: bool) -> dict:
     return {name: on, f"{name}_kwargs": {"use_reentrant": False}}
 
 
-def build(cfg: TrainConfig, callbacks=None):
+def build(cfg: TrainConfig, callbacks=None, quiet: bool = False):
     """(trainer, processor, dtype name): model wrapped with LoRA, datasets, TrainingArguments."""
     import torch
     from transformers import Trainer, TrainingArguments
 
     from finetune.data import read_conversations
     from finetune.encode import Collator, Encoder, SFTDataset
-    from finetune.model import DTYPE_NAMES, LoraSettings, apply_lora, load_model, load_processor, resolve_dtype
+    from finetune.model import (
+        DTYPE_NAMES,
+        LoraSettings,
+        apply_lora,
+        load_model,
+        load_processor,
+        resolve_dtype,
+    )
 
     dtype = resolve_dtype(cfg.dtype)
     convs = [c for p in cfg.data for c in read_conversations(p, root_map=cfg.image_root_map)]
@@ -236,6 +243,11 @@ def build(cfg: TrainConfig, callbacks=None):
         data_collator=Collator(tok.pad_token_id),
         callbacks=callbacks,
     )
+    if quiet:  # no per-step log lines on stdout (the log history is still kept and written)
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
     return trainer, processor, DTYPE_NAMES[dtype]
 
 
@@ -247,16 +259,16 @@ def _write_manifest(out: Path, cfg: TrainConfig, status: str, extra: dict | None
     os.replace(tmp, out / "train.json")
 
 
-def train(cfg: TrainConfig, *, force: bool = False, callbacks=None) -> TrainResult:
+def train(cfg: TrainConfig, *, force: bool = False, callbacks=None, quiet: bool = False) -> TrainResult:
     """Train (or resume from the newest checkpoint) and save the adapter to `out/adapter`.
-    `callbacks`: extra transformers TrainerCallbacks."""
+    `callbacks`: extra transformers TrainerCallbacks; `quiet`: no per-step log lines on stdout."""
     for p in cfg.data + cfg.eval_data:
         if not Path(p).is_file():
             raise FileNotFoundError(f"{p}: no such SFT data file")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     check_resume(out, cfg, force)
-    trainer, processor, dtype_name = build(cfg, callbacks)
+    trainer, _, dtype_name = build(cfg, callbacks, quiet)
     resume = last_checkpoint(out)
     main = trainer.is_world_process_zero()
     if main:

@@ -16,8 +16,8 @@ def short_run(model_dir: Path, sft: Path, out: Path, **kw):
     """A few optimizer steps with a large learning rate: enough to move a random model visibly."""
     from finetune.train import TrainConfig, train
 
-    cfg = dict(model=str(model_dir), data=[str(sft)], out=str(out), global_batch=6, per_device_batch=6,
-               learning_rate=5e-3, max_steps=6, warmup_ratio=0.0, logging_steps=1, save_steps=100, dtype="fp32",
-               limit=12)
+    cfg = {"model": str(model_dir), "data": [str(sft)], "out": str(out), "global_batch": 6, "per_device_batch": 6,
+           "learning_rate": 5e-3, "max_steps": 6, "warmup_ratio": 0.0, "logging_steps": 1, "save_steps": 100,
+           "dtype": "fp32", "limit": 12}
     cfg.update(kw)
-    return train(TrainConfig(**cfg))
+    return train(TrainConfig(**cfg), quiet=True)

@@ -9,6 +9,7 @@ from itertools import islice
 
 import orjson
 import pytest
+from ft_support import CUB
 
 from finetune.data import (
     OPTION_SUFFIX,
@@ -24,8 +25,6 @@ from finetune.data import (
 )
 from harness.items import LETTERS, read_items
 from harness.prompts import PromptConfig, Renderer
-
-from ft_support import CUB
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +93,7 @@ def test_split_is_species_disjoint_stable_and_near_the_fraction(tmp_path):
 def test_image_split_and_no_split(tmp_path):
     _, ev, rep = split_items_file(CUB, tmp_path / "img", by="image", eval_fraction=0.5, seed=3)
     assert rep.keys["eval"] == rep.items["eval"] and 0.45 < rep.items["eval"] / 5794 < 0.55
-    tr, ev, rep = split_items_file(CUB, tmp_path / "none", by="none")
+    _, ev, rep = split_items_file(CUB, tmp_path / "none", by="none")
     assert rep.items == {"train": 5794, "eval": 0} and ev.read_bytes() == b""
     with pytest.raises(ValueError, match="eval fraction"):
         split_items_file(CUB, tmp_path, eval_fraction=1.0)

@@ -8,11 +8,11 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import torch  # noqa: E402
+import torch
 
-from finetune.data import Conversation  # noqa: E402
-from finetune.encode import IGNORE, Encoder, EncodeError, collate  # noqa: E402
-from finetune.model import load_processor  # noqa: E402
+from finetune.data import Conversation
+from finetune.encode import IGNORE, EncodeError, Encoder, collate
+from finetune.model import load_processor
 
 FAMILIES = ["ft_llava_dir", "ft_qwen_dir"]
 # what each tiny template puts after the generation prompt for answer X: the model must produce it

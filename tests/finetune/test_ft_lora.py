@@ -7,9 +7,9 @@ import pytest
 
 pytest.importorskip("peft")
 
-from torch import nn  # noqa: E402
+from torch import nn
 
-from finetune.model import (  # noqa: E402
+from finetune.model import (
     LoraSettings,
     apply_lora,
     language_linear_names,

@@ -8,13 +8,13 @@ import pytest
 
 pytest.importorskip("peft")
 
-import torch  # noqa: E402
-from ft_support import short_run  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+import torch
+from ft_support import short_run
+from safetensors.torch import load_file
 
-from finetune.data import read_conversations  # noqa: E402
-from finetune.merge import dtype_of_folder, letter_logprobs, load_tuned, merge  # noqa: E402
-from finetune.model import load_model, load_processor  # noqa: E402
+from finetune.data import read_conversations
+from finetune.merge import dtype_of_folder, letter_logprobs, load_tuned, merge
+from finetune.model import load_model, load_processor
 
 
 def _first(sft, mode):

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import orjson
 import pytest
 
 pytest.importorskip("peft")
 
-import torch  # noqa: E402
-from ft_support import short_run  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+import torch
+from ft_support import short_run
+from transformers import TrainerCallback
 
-from finetune.train import ZERO2, TrainConfig, build, grad_accumulation  # noqa: E402
+from finetune.train import ZERO2, TrainConfig, build, grad_accumulation
 
 
 @pytest.mark.parametrize("run", ["llava_run", "qwen_run"])
@@ -22,13 +23,13 @@ def test_loss_falls_on_a_small_set_in_a_few_steps(run, request):
     assert r.steps == 6 and len(r.losses) == 6 and r.examples == 12
     assert max(r.losses[-2:]) < r.losses[0] - 0.5, r.losses  # 12 conversations, 3 epochs, lr 5e-3
     assert r.tokens_seen > 12 * 3 * 20 and r.tokens_per_second > 0 and r.dtype == "fp32"
-    out = r.out
-    manifest = json.loads(open(f"{out}/train.json").read())
+    out, adapter = Path(r.out), Path(r.adapter)
+    manifest = json.loads((out / "train.json").read_text())
     assert manifest["status"] == "done" and manifest["config"]["lora_r"] == 64
-    assert len(open(f"{out}/log.jsonl").read().splitlines()) >= 6
-    info = json.loads(open(f"{r.adapter}/finetune.json").read())
+    assert len((out / "log.jsonl").read_text().splitlines()) >= 6
+    info = json.loads((adapter / "finetune.json").read_text())
     assert info["dtype"] == "fp32" and info["lora_r"] == 64 and info["steps"] == 6
-    cfg = json.loads(open(f"{r.adapter}/adapter_config.json").read())
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["bias"]) == (64, 64, 0.2, "none")
 
 
@@ -52,7 +53,7 @@ def _adapter(path):
 
 def test_interrupted_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_one_does(
         ft_llava_dir, ft_sft, tmp_path):
-    kw = dict(max_steps=4, save_steps=2, global_batch=4, per_device_batch=2, limit=8)
+    kw = {"max_steps": 4, "save_steps": 2, "global_batch": 4, "per_device_batch": 2, "limit": 8}
     whole = short_run(ft_llava_dir, ft_sft, tmp_path / "whole", **kw)
     from finetune.train import TrainConfig, train
 

@@ -11,11 +11,11 @@ import pytest
 
 pytest.importorskip("peft")
 
-import torch  # noqa: E402
-from ft_support import AUTHORS_PREFIX  # noqa: E402
+import torch
+from ft_support import AUTHORS_PREFIX
 
-from finetune.serve import lora_args  # noqa: E402
-from tests.support import servers  # noqa: E402
+from finetune.serve import lora_args
+from tests.support import servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -56,7 +56,7 @@ def _hf_top(model, processor, text: str) -> dict:
 def test_vllm_serves_the_adapter_exactly_as_peft_applies_it(lora_server, ft_llava_dir, llava_run, ft_sft):
     from finetune.data import read_conversations
     from finetune.merge import load_tuned
-    from finetune.model import load_model, load_processor
+    from finetune.model import load_model
 
     models = json.loads(urllib.request.urlopen(f"{lora_server.base_url}/models", timeout=10).read())
     assert {m["id"] for m in models["data"]} == {"base", "tuned"}
