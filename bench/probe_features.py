@@ -77,12 +77,12 @@ def _rss_mb() -> float:
 
 def child(args) -> None:
     """One extraction in this (fresh) process; prints a JSON line of figures."""
+    import torch
+
     from harness.taxonomy import load_taxonomy
     from probes.data import read_image_items
     from probes.extract import Extractor, run_extraction
     from probes.recipes import load_recipe
-
-    import torch
 
     torch.set_num_threads(args.threads)
     ext = Extractor(args.model_dir, device="cpu")
@@ -105,7 +105,7 @@ def run_child(model_dir: Path, data: Path, out: Path, recipe: str, batch_size: i
     if limit:
         cmd += ["--limit", str(limit)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    res = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
     if res.returncode:
         raise RuntimeError(f"child failed ({res.returncode}):\n{res.stderr[-3000:]}")
     return orjson.loads(res.stdout.strip().splitlines()[-1])

@@ -9,11 +9,12 @@ the final norm). Adding an architecture means adding a table, not a branch.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+
+import tomllib
 
 _TABLE = Path(__file__).with_name("architectures.toml")
 Split = Literal["batch", "grid", "grid_merged", "single"]

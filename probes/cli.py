@@ -166,11 +166,12 @@ def cmd_extract(args) -> int:
     for it in read_image_items(data, taxonomy=tax, skip_unmatched=args.skip_unmatched):
         depth = max(depth, len(it.labels))
     ext = Extractor(args.model, device=args.device, dtype=args.dtype)
+    # the data's identity is its hash (a resume from another folder or a moved file is fine)
     settings = _settings(args, ext, recipe, {
-        "mode": "image", "data": str(data), "data_sha256": file_hash(data),
+        "mode": "image", "data_sha256": file_hash(data),
         "taxonomy": str(tax.source.name) if tax else None, "skip_unmatched": args.skip_unmatched,
     })
-    extra = {"level_names": level_names(tax, depth), "image_root_map": list(args.image_root_map)}
+    extra = {"data": str(data), "level_names": level_names(tax, depth), "image_root_map": list(args.image_root_map)}
     items = read_image_items(data, taxonomy=tax, root_map=args.image_root_map, skip_unmatched=args.skip_unmatched)
     return _run(args, ext, items, recipe, settings, extra)
 
@@ -211,12 +212,11 @@ def cmd_text(args) -> int:
     names = level_names(tax, depth)
     ext = Extractor(args.model, device=args.device, dtype=args.dtype)
     settings = _settings(args, ext, recipe, {
-        "mode": "text", "splits": {k: str(v) for k, v in splits.items()},
-        "splits_sha256": {k: file_hash(v) for k, v in splits.items()},
+        "mode": "text", "splits_sha256": {k: file_hash(v) for k, v in splits.items()},
         "taxonomy": args.taxonomy, "leaf": not args.no_leaf, "level_names": names,
     })
     items = text_items(splits, recipe.sentence, names, leaf=not args.no_leaf)
-    return _run(args, ext, items, recipe, settings, {"level_names": names})
+    return _run(args, ext, items, recipe, settings, {"level_names": names, "splits": {k: str(v) for k, v in splits.items()}})
 
 
 # ---------------------------------------------------------------------- train

@@ -81,7 +81,7 @@ class Recorder:
 
         return hp.module.register_forward_hook(post)
 
-    def __enter__(self) -> "Recorder":
+    def __enter__(self) -> Recorder:
         self._handles = [self._make(hp) for hp in self.points]
         return self
 

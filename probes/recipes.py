@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from functools import lru_cache
 from pathlib import Path
 
+import tomllib
 from pydantic import BaseModel, ConfigDict
 
 _FILE = Path(__file__).with_name("recipes.toml")

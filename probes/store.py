@@ -234,7 +234,7 @@ class FeatureStore:
         parts = []
         for p in self.shards:
             with safe_open(str(p), framework="np") as f:
-                if key in f.keys():
+                if key in f.keys():  # noqa: SIM118 - safe_open has no __contains__
                     parts.append(f.get_tensor(key).astype(dtype, copy=False))
         if not parts:
             return np.empty((0, self.manifest["dims"][key]), dtype)

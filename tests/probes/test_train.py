@@ -131,7 +131,7 @@ def test_unprobeable_levels_are_skipped_with_a_reason(tmp_path):
     """Species-disjoint text probing: the species level has no test class in training; the root level has
     one class. Both are reported and left out of HCA."""
     rows = []
-    for split, sp in (("train", range(0, 12)), ("test", range(12, 16))):
+    for split, sp in (("train", range(12)), ("test", range(12, 16))):
         for s in sp:
             labels = ["Plantae", f"c{s % 2}", f"species{s}"]
             for lv in (1, 2, 3):
