@@ -62,6 +62,12 @@ def write_images(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> l
 
 
 @pytest.fixture(scope="session")
+def make_images():
+    """write_images as a fixture (test modules need not import conftest)."""
+    return write_images
+
+
+@pytest.fixture(scope="session")
 def images(tmp_path_factory) -> list[Path]:
     """12 random images of varied sizes (Qwen then gives 1 to 4 image tokens each)."""
     sizes = [(30, 30), (60, 40), (40, 70), (56, 56), (100, 30), (28, 50)] * 2

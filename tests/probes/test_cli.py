@@ -7,8 +7,6 @@ import json
 import orjson
 import pytest
 
-from tests.probes.conftest import write_images
-
 PREFIX = "/projectnb/ivc-ml/yuwentan/dataset"
 
 
@@ -28,7 +26,7 @@ def harness_cli(monkeypatch, capsys):
     return run
 
 
-def _cub_subset(tmp_path):
+def _cub_subset(tmp_path, write_images):
     """15 lines of the shipped CUB probing file (9 train, 6 test; two orders), with stand-in images."""
     from probes.data import shipped_probing_file
 
@@ -45,8 +43,8 @@ def _cub_subset(tmp_path):
     return data, root
 
 
-def test_extract_train_report(harness_cli, tiny_llava, tmp_path):
-    data, root = _cub_subset(tmp_path)
+def test_extract_train_report(harness_cli, tiny_llava, tmp_path, make_images):
+    data, root = _cub_subset(tmp_path, make_images)
     feats = tmp_path / "feats"
     rc, out, err = harness_cli("probe", "extract", "--model", tiny_llava, "--data", data, "--taxonomy", "cub",
                                "--out", feats, "--image-root-map", f"{PREFIX}={root}", "--batch-size", "2",

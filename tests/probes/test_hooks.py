@@ -167,15 +167,13 @@ def test_hook_points_follow_the_table(llava_ext):
     assert len(layer._forward_hooks) == before  # removed on exit
 
 
-def test_qwen25_window_order_matches_the_reference(qwen25_ext, tmp_path):
+def test_qwen25_window_order_matches_the_reference(qwen25_ext, tmp_path, make_images):
     """Qwen2.5-VL runs its vision blocks in window order. The reference's patched model saved the last
     block's output as is (`v_i`: its "last" row is the last in window order) and the merger output put
     back in raster order (`v_o`); the hooks read the same two tensors, and the projector rows are the
     ones the LLM receives at the image positions."""
-    from tests.probes.conftest import write_images
-
     ext = qwen25_ext
-    path = write_images(tmp_path, [(112, 112)])[0]
+    path = make_images(tmp_path, [(112, 112)])[0]
     inputs = _inputs(ext, [path])
     assert inputs["image_grid_thw"].tolist() == [[1, 8, 8]]  # 4x4 merged tokens = 4 windows of 2x2
     keys = feature_keys(["vision", "projector", "llm.0"], ["last", "mean", "img_last", "img_mean"])
