@@ -50,7 +50,7 @@ def token_table() -> list[tuple]:
         from open_clip.tokenizer import SimpleTokenizer
 
         enc = SimpleTokenizer().encode
-    except Exception:  # noqa: BLE001 - open_clip is optional here
+    except Exception:  # noqa: BLE001, S110 - open_clip is optional here
         pass
     tiny = build_tokenizer("llava")
     rows = []
@@ -114,7 +114,7 @@ def _metric(root: str, key: str | None, name: str) -> float:
     req = urllib.request.Request(root + "/metrics", headers={"Authorization": f"Bearer {key}"} if key else {})
     with urllib.request.urlopen(req, timeout=10) as r:
         for line in r.read().decode().splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
+            if line.startswith((name + "{", name + " ")):
                 return float(line.rsplit(" ", 1)[1])
     return float("nan")
 

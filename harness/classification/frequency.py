@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import pairwise
 from pathlib import Path
 
 import orjson
@@ -24,7 +25,7 @@ _RULES: list[tuple[re.Pattern, str]] = [
     (re.compile(r'^"'), " `` "),
     (re.compile(r"([«“‘„]|`+)"), r" \1 "),
     (re.compile(r'([ (\[{<])("|\'\')'), r"\1 `` "),
-    (re.compile(r"(?<!\w)'(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)", re.I), "' "),
+    (re.compile(r"(?<!\w)'(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)", re.IGNORECASE), "' "),
     (re.compile(r"([:,])([^\d])"), r" \1 \2"),
     (re.compile(r"([:,])$"), r" \1 "),
     (re.compile(r"\.{2,}"), r" \g<0> "),
@@ -144,7 +145,7 @@ def binned(counts: Mapping[str, int], per_class: Mapping[str, float], bins: Sequ
     """Mean accuracy of the classes whose count lies in [lo, hi); counts beyond the last edge are left out
     (as in the reference)."""
     out = []
-    for lo, hi in zip(bins[:-1], bins[1:]):
+    for lo, hi in pairwise(bins):
         ys = [a for c, a in per_class.items() if lo <= counts.get(c, 0) < hi]
         out.append({"lo": lo, "hi": hi, "n_classes": len(ys), "accuracy": sum(ys) / len(ys) if ys else None})
     return out

@@ -14,8 +14,13 @@ from typing import Any, Literal
 
 from harness.classification.datasets import ClassItem
 from harness.classification.loop import Group
-from harness.classification.prompts import (catalogue, closed_question, candidate_stream, nway_question,
-                                            open_question)
+from harness.classification.prompts import (
+    candidate_stream,
+    catalogue,
+    closed_question,
+    nway_question,
+    open_question,
+)
 from harness.classification.requests import Style, completion_text, generation_request, usage_tokens
 
 TaskName = Literal["open", "closed", "nway"]

@@ -33,10 +33,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from harness.client import FatalError, RetryableError
 from harness.classification.loop import Group, GroupError, post_root
 from harness.classification.prompts import ASSISTANT_SLOT, RawTemplate, raw_chat_template, strip_image
 from harness.classification.requests import user_message
+from harness.client import FatalError, RetryableError
 
 PRIOR_QID = "prior"
 Method = Literal["trie", "prompt-logprobs"]
@@ -130,7 +130,7 @@ class TriePlan:
     fallback: list[int] = field(default_factory=list)  # classes scored with prompt log-probs
 
     @classmethod
-    def build(cls, prefix_ids: list[int], full_ids: Sequence[Sequence[int]]) -> "TriePlan":
+    def build(cls, prefix_ids: list[int], full_ids: Sequence[Sequence[int]]) -> TriePlan:
         p = len(prefix_ids)
         class_ids: list[tuple[int, ...]] = []
         fallback = []
@@ -183,7 +183,13 @@ class LoglikTask:
             async with sem:
                 return await coro
 
-        prefix_ids = await tok(s.prefix)
+        try:
+            prefix_ids = await tok(s.prefix)
+        except FatalError as e:
+            if "HTTP 404" in str(e):
+                raise FatalError("the endpoint has no /tokenize: the trie method needs vLLM's /tokenize and "
+                                 "/detokenize (or use --method prompt-logprobs, which needs vLLM too)") from None
+            raise
         full = await asyncio.gather(*(bounded(tok(f"{s.prefix} {c}")) for c in self.classes))
         plan = TriePlan.build(prefix_ids, full)
         base = await detok(prefix_ids)
@@ -275,7 +281,7 @@ class LoglikTask:
         if self.method != "trie":
             return answers[1:]
         assert self.plan is not None
-        head_ids, root_lps = answers[0]
+        _, root_lps = answers[0]
         node_lps = {(): root_lps}
         for i in range(1, len(self.plan.nodes)):
             node_lps[self.plan.nodes[i]] = answers[i]

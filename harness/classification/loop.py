@@ -33,6 +33,8 @@ from harness.client import Client, FatalError, RetryableError, RetryPolicy, clas
 from harness.images import ImagePayload, encode_image
 from harness.results import ResultStore
 
+_RETRY = RetryPolicy()
+
 
 class GroupError(RuntimeError):
     """This group cannot be answered (recorded as its error, not retried, the run goes on)."""
@@ -87,7 +89,7 @@ class Stats:
 class Loop:
     def __init__(self, *, client: Client, store: ResultStore, task: Task, concurrency: int = 64,
                  group_workers: int | None = None, media: str = "base64", max_side: int | None = None,
-                 retry: RetryPolicy = RetryPolicy(), throttle=None, prefetch: int = 4, image_workers: int = 4,
+                 retry: RetryPolicy = _RETRY, throttle=None, prefetch: int = 4, image_workers: int = 4,
                  progress_every: float | None = None):
         self.client, self.store, self.task = client, store, task
         self.concurrency = concurrency
@@ -181,7 +183,7 @@ class Loop:
     def _encode(self, path: str) -> ImagePayload | Exception:
         try:
             return encode_image(path, media=self.media, max_side=self.max_side)
-        except Exception as e:  # recorded for the group, the run goes on
+        except Exception as e:  # noqa: BLE001 - recorded for the group, the run goes on
             return e
 
     async def produce(self, groups: Iterable[Group], queue: asyncio.Queue) -> None:
@@ -213,7 +215,7 @@ class Loop:
                 image = (await fut) if fut is not None else None
                 try:
                     await self.handle(g, image)
-                except Exception as e:  # a bug or an unexpected reply: record it, keep the worker alive
+                except Exception as e:  # noqa: BLE001 - a bug or an odd reply: record it, keep the worker alive
                     self.store.append(self.task.error_record(g, f"internal: {type(e).__name__}: {e}"[:300]))
                     self.stats.failed += 1
             finally:
@@ -246,7 +248,7 @@ class Loop:
         return self.stats
 
 
-async def post_root(client: Client, path: str, body: dict, retry: RetryPolicy = RetryPolicy()) -> dict:
+async def post_root(client: Client, path: str, body: dict, retry: RetryPolicy = _RETRY) -> dict:
     """POST to a server path outside /v1 (vLLM's /tokenize, /detokenize), with the client's session,
     auth, error classification and retries. (Client.post only reaches paths under /v1.)"""
     data = orjson.dumps(body)

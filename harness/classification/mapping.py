@@ -32,8 +32,7 @@ def direct(answer: str | None, candidates: Sequence[str], rule: DirectRule, inde
         return None
     a = norm(answer)
     for prefix in ("a ", "an ", "the "):
-        if a.startswith(prefix):
-            a = a[len(prefix):]
+        a = a.removeprefix(prefix)
     for c in candidates:
         if norm(c) == a:
             return c

@@ -73,7 +73,7 @@ def load_synonyms(path: str | Path, classes: Iterable[str]) -> dict[str, list[st
             except orjson.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
             if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{n}: expected an object with 'class' and 'synonyms'")
+                raise ValueError(f"{path}:{n}: expected an object with 'class' and 'synonyms'")  # noqa: TRY004
             entries.append((n, rec.get("class"), rec.get("synonyms")))
     out: dict[str, list[str]] = {}
     for n, cls, syns in entries:
@@ -150,7 +150,7 @@ class NameIndex:
                         ok = True  # `first` already allows the plural
                     else:
                         last = words[i + n - 1]
-                        ok = (words[i] == form[0] and tuple(words[i + 1:i + n - 1]) == form[1:-1]
+                        ok = (w == form[0] and tuple(words[i + 1:i + n - 1]) == form[1:-1]
                               and last in (form[-1], form[-1] + "s", form[-1] + "es"))
                     if ok:
                         out.append(Mention(i, i + n, ix))

@@ -7,8 +7,14 @@ from collections import Counter
 
 import pytest
 
-from harness.classification.datasets import (data_dir, load_classes, parse_wiki_text, read_class_items, read_wikiqa,
-                                             resolve)
+from harness.classification.datasets import (
+    data_dir,
+    load_classes,
+    parse_wiki_text,
+    read_class_items,
+    read_wikiqa,
+    resolve,
+)
 from harness.items import ItemError
 
 

@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from harness.classification.frequency import (BINS, binned, correlate, count_classes, plot, read_corpus,
-                                              treebank_tokenize)
+from harness.classification.frequency import (
+    BINS,
+    binned,
+    correlate,
+    count_classes,
+    plot,
+    read_corpus,
+    treebank_tokenize,
+)
 
 GOLDEN = Path(__file__).parent / "classify_data" / "nltk_word_tokenize_golden.json"
 

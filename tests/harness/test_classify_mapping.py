@@ -113,3 +113,29 @@ def test_run_report_counts_what_needed_mapping():
     assert s["n_errors"] == 1 and s["corrected"]["correct"] == 2
     without = score_run(recs, classes)["mapping"]
     assert without["how"] == {"direct": 2, "unmapped": 2, "empty": 1} and without["accuracy"] == pytest.approx(2 / 5)
+
+
+def test_score_command_maps_with_nli(tiny_nli, tmp_path, capsys):
+    """`harness classify score RUN --map nli --map-model DIR`: the thesis protocol's report."""
+    import argparse
+    import json
+
+    from harness.classify import add_cli
+
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps(CANDS))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"kind": "generation", "settings": {"classes": str(classes)}}))
+    lines = [{"qid": "1", "label": "cat", "k": 3, "choices": ["cat", "dog", "oak"], "pred": "cat", "error": None},
+             {"qid": "2", "label": "oak", "k": 3, "choices": ["dog", "oak", "bird"], "pred": "a tall tree", "error": None},
+             {"qid": "3", "label": "dog", "k": 5, "choices": "all", "pred": "something furry", "error": None}]
+    (run / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    p = argparse.ArgumentParser()
+    add_cli(p.add_subparsers())
+    args = p.parse_args(["classify", "score", str(run), "--map", "nli", "--map-model", str(tiny_nli), "--json"])
+    capsys.readouterr()
+    assert args.func(args) == 0
+    m = json.loads(capsys.readouterr().out)["mapping"]
+    assert m["mapper"] == f"nli:{tiny_nli}" and m["how"] == {"direct": 1, "mapped": 2} and m["needed_mapping"] == 2
+    assert 0 <= m["f1"] <= 1 and m["n_labels"] >= 2

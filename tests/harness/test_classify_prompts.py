@@ -8,8 +8,17 @@ import random
 import pytest
 
 from harness.classification.datasets import load_classes, read_class_items, resolve
-from harness.classification.prompts import (candidate_stream, closed_question, nway_question, open_question,
-                                            raw_chat_template, raw_template, raw_templates, strip_image, with_cot)
+from harness.classification.prompts import (
+    candidate_stream,
+    closed_question,
+    nway_question,
+    open_question,
+    raw_chat_template,
+    raw_template,
+    raw_templates,
+    strip_image,
+    with_cot,
+)
 
 Q = "What type of object is in this photo?"
 
@@ -38,10 +47,10 @@ def test_questions_are_the_papers_strings():
 @pytest.mark.parametrize("name, plain, cot", [
     ("llava15", "USER: <image>\nQQ\nASSISTANT:", "USER: <image>\nQQ\nASSISTANT: Let's think step by step."),
     ("llava16-mistral", "[INST] <image>\nQQ[/INST]", "[INST] <image>\nQQ[/INST] Let's think step by step."),
-    ("llava16-vicuna", "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-     "helpful, detailed, and polite answers to the human's questions. USER: <image>\nQQ ASSISTANT:",
-     "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-     "detailed, and polite answers to the human's questions. USER: <image>\nQQ ASSISTANT: Let's think step by step."),
+    ("llava16-vicuna", ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                        "helpful, detailed, and polite answers to the human's questions. USER: <image>\nQQ ASSISTANT:"),
+     ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+      "detailed, and polite answers to the human's questions. USER: <image>\nQQ ASSISTANT: Let's think step by step.")),
     ("blip2", "Question: QQ Answer:", "Question: QQ Let's think step by step. Answer:"),
 ])
 def test_raw_templates(name, plain, cot):
@@ -100,7 +109,7 @@ def _reference_loop(data, classes, n_labels, fixed_order=False, seed=1234):
             choices = classes
         else:
             label = item.label
-            other = random.sample(sorted(list(set(classes) - set([label]))), n_labels - 1)
+            other = random.sample(sorted(list(set(classes) - set([label]))), n_labels - 1)  # noqa: C414, C405 (as written)
             shuffled = [label] + other
             random.shuffle(shuffled)
             choices = shuffled
@@ -154,7 +163,7 @@ def test_fixed_order_and_imagenet_duplicates():
         list(candidate_stream(items, classes, 998, fixed_order=True, stream="reference"))
     with pytest.raises(ValueError, match=r"2\.\.998"):
         list(candidate_stream(items, classes, 999, stream="hashed"))
-    allk = dict((it.key, ch) for it, ch in candidate_stream(items, classes, 998, stream="reference"))
+    allk = {it.key: ch for it, ch in candidate_stream(items, classes, 998, stream="reference")}
     assert all(sorted(ch) == sorted(set(classes)) for ch in allk.values())  # K = all: every class, shuffled
     open_world = list(candidate_stream(items, classes, None))
     assert [ch for _, ch in open_world] == [None, None]

@@ -138,14 +138,16 @@ def test_wikiqa_classname_control_is_text_only(tmp_path):
     assert contents[0][0]["text"].startswith("Which position is particularly important for stretcher")
 
 
-def test_loglik_needs_prompt_logprobs(data, tmp_path, capsys):
+@pytest.mark.parametrize("method, message", [("trie", "has no /tokenize"), ("prompt-logprobs", "needs vLLM")])
+def test_loglik_needs_vllm(data, tmp_path, capsys, method, message):
     with StubThread(Stub()) as st:
         rc = classify("loglik", "--data", data / "items.jsonl", "--classes", data / "classes.json", "--limit", 2,
                       "--image-root-map", f"./data={data / 'img'}", "--endpoint", st.url, "--out", tmp_path / "ll",
-                      "--api-key-env", "HARNESS_TEST_NO_KEY", "--quiet")
+                      "--api-key-env", "HARNESS_TEST_NO_KEY", "--quiet", "--method", method)
     assert rc == 4
-    assert "needs vLLM" in capsys.readouterr().err
-    assert not (tmp_path / "ll" / "results.jsonl").read_bytes()  # nothing half-written
+    assert message in capsys.readouterr().err
+    results = tmp_path / "ll" / "results.jsonl"
+    assert not results.exists() or not results.read_bytes()  # nothing half-written
 
 
 def test_dry_run_and_input_errors(data, tmp_path, capsys):

@@ -8,8 +8,15 @@ import pytest
 
 from harness.classification.datasets import data_dir, load_classes
 from harness.classification.metrics import accuracy, macro_prf, per_class_accuracy
-from harness.classification.scoring import (NameIndex, corrected, exact, final_answer, load_synonyms, score,
-                                            substring)
+from harness.classification.scoring import (
+    NameIndex,
+    corrected,
+    exact,
+    final_answer,
+    load_synonyms,
+    score,
+    substring,
+)
 
 
 def _classes(name):

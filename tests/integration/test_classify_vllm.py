@@ -101,7 +101,7 @@ def test_loglik_matches_transformers(vllm_server, hf_llava, hf_reference, data, 
     recs = {r["qid"]: r for r in map(orjson.loads, (out / "results.jsonl").read_bytes().splitlines())}
     assert len(recs) == 4 and "prior" in recs
     worst = shift = 0.0
-    for qid, r in recs.items():
+    for r in recs.values():
         assert r["error"] is None and "misaligned" not in r and "tokens_differ" not in r
         ref = hf_reference(r["item"])
         for (p, lp), got in zip(ref, r["lp"]):
