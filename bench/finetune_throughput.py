@@ -10,7 +10,7 @@ seconds per optimizer step and examples/s. Not a test: a measurement.
     python bench/finetune_throughput.py [--families llava,qwen2vl] [--modes image,text] [--steps 8]
         [--batch 8] [--threads 1] [--checkpointing on,off] [--json]
 
-The default run takes about 2 minutes on the 2-core dev machine.
+The default run takes about a minute on the 2-core dev machine.
 
 On a shared CPU, OpenMP threads that spin against other processes can make more threads slower:
 compare `--threads 1,2` and look at the load average printed first.

@@ -17,18 +17,7 @@ import torch
 
 from finetune.data import Conversation
 from finetune.model import DTYPE_NAMES, DTYPES, load_model, load_processor
-
-
-def adapter_info(adapter_dir: str | Path) -> dict:
-    """`finetune.json` written at the end of training, else what peft's adapter_config.json says."""
-    d = Path(adapter_dir)
-    if not (d / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{d}: no adapter_config.json (not a peft adapter folder)")
-    info = json.loads((d / "finetune.json").read_text()) if (d / "finetune.json").is_file() else {}
-    cfg = json.loads((d / "adapter_config.json").read_text())
-    info.setdefault("base_model", cfg.get("base_model_name_or_path"))
-    info.setdefault("lora_r", cfg.get("r"))
-    return info
+from finetune.serve import adapter_info
 
 
 def load_tuned(adapter_dir: str | Path, base: str | None = None, dtype: str | None = None):

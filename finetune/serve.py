@@ -8,9 +8,21 @@ usual names) and the adapter (`name`): `harness run --model tuned` evaluates the
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from finetune.merge import adapter_info
+
+def adapter_info(adapter_dir: str | Path) -> dict:
+    """`finetune.json` written at the end of training, else what peft's adapter_config.json says."""
+    d = Path(adapter_dir)
+    if not (d / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{d}: no adapter_config.json (not a peft adapter folder)")
+    info = json.loads((d / "finetune.json").read_text()) if (d / "finetune.json").is_file() else {}
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    info.setdefault("base_model", cfg.get("base_model_name_or_path"))
+    info.setdefault("lora_r", cfg.get("r"))
+    return info
+
 
 # --max-lora-rank values vLLM accepts.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -26,8 +38,6 @@ def max_lora_rank(r: int) -> int:
 
 def lora_args(adapter_dir: str | Path, name: str = "tuned") -> list[str]:
     """vLLM flags that serve the adapter under `name` (validated: vLLM cannot serve every adapter)."""
-    import json
-
     d = Path(adapter_dir).resolve()
     info = adapter_info(d)
     cfg = json.loads((d / "adapter_config.json").read_text())

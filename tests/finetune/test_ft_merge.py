@@ -67,3 +67,25 @@ def test_bf16_training_merges_into_bf16_not_fp16(ft_llava_dir, ft_sft, tmp_path)
 def test_merge_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         merge(tmp_path, tmp_path / "out")
+
+
+def test_cli_train_then_merge(ft_llava_dir, ft_sft, tmp_path, capsys):
+    from harness.cli import main
+
+    run = tmp_path / "run"
+    assert main(["finetune", "train", "--model", str(ft_llava_dir), "--data", str(ft_sft), "--out", str(run),
+                 "--max-steps", "2", "--global-batch", "4", "--per-device-batch", "2", "--limit", "8",
+                 "--lora-r", "16", "--lora-alpha", "32", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "trained 2 steps" in out and "fp32" in out and str(run / "adapter") in out
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 16
+    assert main(["finetune", "merge", str(run / "adapter"), "--out", str(tmp_path / "m")]) == 0
+    assert "merged model (fp32)" in capsys.readouterr().out
+    # the same command again resumes the finished run: no step is repeated
+    assert main(["finetune", "train", "--model", str(ft_llava_dir), "--data", str(ft_sft), "--out", str(run),
+                 "--max-steps", "2", "--global-batch", "4", "--per-device-batch", "2", "--limit", "8",
+                 "--lora-r", "16", "--lora-alpha", "32", "--quiet"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert main(["finetune", "train", "--model", str(ft_llava_dir), "--data", str(ft_sft), "--out", str(run),
+                 "--max-steps", "2", "--lora-r", "8", "--global-batch", "4", "--per-device-batch", "2"]) == 2
+    assert "other settings" in capsys.readouterr().err
