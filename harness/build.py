@@ -602,7 +602,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
     matcher = LabelMatcher(tax)
     refs = image_refs(fmt, args.images, tax, split=args.split, imagenet_classes=args.imagenet_classes,
                       imagenet_wnids=args.imagenet_wnids, matcher=matcher, report=report)
-    records = build_items(tax, refs, args.choices, args.n_choices, args.seed, lowercase=args.lowercase,
+    opts: dict[str, object] = {}
+    for o in args.choices_option:
+        k, sep, v = o.partition("=")
+        if not sep or not k:
+            raise ValueError(f"--choices-option expects KEY=VALUE, got {o!r}")
+        opts[k] = v
+    strategy = make_strategy(args.choices, tax, **opts) if opts else args.choices
+    records = build_items(tax, refs, strategy, args.n_choices, args.seed, lowercase=args.lowercase,
                           on_unmatched="error" if args.strict else "skip", limit=args.limit,
                           split=args.split if args.split not in (None, "all") else "test",
                           report=report, matcher=matcher)
@@ -679,7 +686,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--format", choices=FORMATS, default=None, help="input format (default: guessed)")
     b.add_argument("--out", required=True, metavar="ITEMS.jsonl", help="output (written atomically)")
     b.add_argument("--choices", default="random", metavar="STRATEGY",
-                   help=f"distractor strategy: {', '.join(sorted(STRATEGIES))} (default random)")
+                   help="distractor strategy: random, siblings (same parent first), similar (CLIP/SigLIP "
+                        "image-text similarity; needs the [clip] extra) (default random)")
+    b.add_argument("--choices-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="strategy option, e.g. model=hf:google/siglip-so400m-patch14-384, device=cuda, "
+                        "batch_size=64 (repeatable)")
     b.add_argument("--n-choices", type=int, default=4, help="options per level, truth included (default 4)")
     b.add_argument("--seed", type=int, default=0, help="seed of the per-question RNG (default 0)")
     b.add_argument("--split", default="test",

@@ -149,6 +149,8 @@ def register_strategy(name: str, factory: StrategyFactory) -> None:
 
 
 def make_strategy(name: str, taxonomy: Taxonomy, **options: object) -> DistractorStrategy:
+    if name == "similar" and name not in STRATEGIES:
+        import harness.clip  # noqa: F401  (registers the CLIP/SigLIP mining strategy)
     try:
         factory = STRATEGIES[name]
     except KeyError:
