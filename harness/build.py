@@ -29,7 +29,6 @@ from typing import NamedTuple
 import orjson
 
 from harness.distractors import (
-    STRATEGIES,
     DistractorStrategy,
     LevelQuery,
     check_distractors,
