@@ -165,6 +165,7 @@ def plot(bins_: list[dict], path: str | Path, title: str = "") -> Path:
     ax.set_xticks(xs, [f"[{b['lo']}, {b['hi']}) ({b['n_classes']} classes)" for b in bins_], rotation=45, ha="right")
     ax.set_xlabel("frequency in the corpus")
     ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
     if title:
         ax.set_title(title)
     fig.tight_layout()
