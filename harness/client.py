@@ -9,7 +9,6 @@ unsupported request field) stop the run with a message instead of burning it.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import email.utils
 import random
@@ -57,8 +56,7 @@ def redact_url(url: str) -> str:
 def normalize_base(url: str) -> str:
     """Accept http://host:port, .../v1 or .../v1/ and return the .../v1 base."""
     u = url.rstrip("/")
-    if u.endswith("/chat/completions"):
-        u = u[: -len("/chat/completions")]
+    u = u.removesuffix("/chat/completions")
     if not u.endswith("/v1"):
         u += "/v1"
     return u
@@ -166,7 +164,7 @@ class Client:
         self._rr = 0
         self.session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> Client:
         conn = aiohttp.TCPConnector(limit=self._connections, limit_per_host=0, ttl_dns_cache=300)
         self.session = aiohttp.ClientSession(connector=conn, headers=self._headers,
                                              json_serialize=lambda o: orjson.dumps(o).decode())
@@ -183,18 +181,20 @@ class Client:
         self._rr = (self._rr + 1) % n
         return min((self.endpoints[(self._rr + i) % n] for i in range(n)), key=lambda e: e.in_flight)
 
-    async def post(self, path: str, body: bytes) -> dict:
+    async def post(self, path: str, body: bytes, *, root: bool = False) -> dict:
+        """POST to `path` under /v1, or under the server root with `root` (vLLM's /tokenize)."""
         ep = self.pick()
         ep.in_flight += 1
         try:
-            async with self.session.post(ep.base + path, data=body, timeout=self.timeout,  # type: ignore[union-attr]
+            base = ep.base[: -len("/v1")] if root else ep.base
+            async with self.session.post(base + path, data=body, timeout=self.timeout,  # type: ignore[union-attr]
                                          headers=ep.headers or None) as r:
                 data = await r.read()
                 if r.status != 200:
                     raise classify(r.status, data, r.headers, key_hint=self.key_hint(), secrets=self._secrets)
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
             raise RetryableError(f"connection error: {type(e).__name__}") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise RetryableError("timeout") from None
         finally:
             ep.in_flight -= 1
@@ -234,7 +234,7 @@ class Client:
                 if st == 503:
                     raise FatalError(f"{ep.display}: /health says the engine is not ready (503)")
                 st, data = await self.get_json(ep.base + "/models", ep.headers)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            except (TimeoutError, aiohttp.ClientError) as e:
                 raise FatalError(_scrub(f"cannot reach {ep.display}: {type(e).__name__}: {e}", self._secrets)) from None
             if st in (401, 403):
                 # FIX: said only "check --api-key-env"; name the variable (never the key)

@@ -21,15 +21,14 @@ from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiohttp
 import orjson
 
 from harness import __version__
-from harness.client import Client, FatalError, RetryableError, RetryPolicy, classify, redact_url
+from harness.client import Client, FatalError, RetryableError, RetryPolicy, redact_url
 from harness.images import ImagePayload, encode_image
 from harness.results import ResultStore
 
@@ -249,25 +248,17 @@ class Loop:
 
 
 async def post_root(client: Client, path: str, body: dict, retry: RetryPolicy = _RETRY) -> dict:
-    """POST to a server path outside /v1 (vLLM's /tokenize, /detokenize), with the client's session,
-    auth, error classification and retries. (Client.post only reaches paths under /v1.)"""
+    """POST to a server path outside /v1 (vLLM's /tokenize, /detokenize) with the client's session,
+    auth, error classification, and retries."""
     data = orjson.dumps(body)
     attempt = 0
     while True:
-        ep = client.pick()
-        url = ep.base[: -len("/v1")] + path
         try:
-            async with client.session.post(url, data=data, timeout=client.timeout,  # type: ignore[union-attr]
-                                           headers=ep.headers or None) as r:
-                raw = await r.read()
-                if r.status != 200:
-                    raise classify(r.status, raw, r.headers, key_hint=client.key_hint(),
-                                   secrets=getattr(client, "_secrets", ()))
-            return orjson.loads(raw)
-        except (RetryableError, asyncio.TimeoutError, aiohttp.ClientError, OSError) as e:
+            return await client.post(path, data, root=True)
+        except RetryableError as e:
             if attempt >= retry.max_retries:
                 raise RetryableError(f"{path}: {e}") from None
-            await asyncio.sleep(retry.delay(attempt, getattr(e, "retry_after", None)))
+            await asyncio.sleep(retry.delay(attempt, e.retry_after))
             attempt += 1
 
 
@@ -298,7 +289,7 @@ def write_manifest(out: Path, *, kind: str, settings: dict, endpoints: list[str]
         "kind": kind,
         "status": status,
         "started": started,
-        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "updated": datetime.now(UTC).isoformat(timespec="seconds"),
         "endpoints": [redact_url(e) for e in endpoints],
         "api_key_env": api_key_env,
         "settings": settings,
@@ -322,4 +313,4 @@ def read_manifest(run: str | Path) -> dict:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
