@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # `tests.support` importable under plain `pytest` too
     sys.path.insert(0, str(REPO))
 
-from ft_support import AUTHORS_PREFIX, CUB, N_ITEMS, short_run
+from tests.finetune.ft_support import AUTHORS_PREFIX, CUB, N_ITEMS, short_run
 
 _threads: list[int] = []
 

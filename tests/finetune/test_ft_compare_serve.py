@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from ft_support import AUTHORS_PREFIX, CUB
+from tests.finetune.ft_support import AUTHORS_PREFIX, CUB
 
 from finetune.compare import Side, compare
 from finetune.serve import lora_args, max_lora_rank

@@ -9,7 +9,7 @@ from itertools import islice
 
 import orjson
 import pytest
-from ft_support import CUB
+from tests.finetune.ft_support import CUB
 
 from finetune.data import (
     OPTION_SUFFIX,

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("peft")
 
 import torch
-from ft_support import short_run
+from tests.finetune.ft_support import short_run
 from safetensors.torch import load_file
 
 from finetune.data import read_conversations

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("peft")
 
 import torch
-from ft_support import short_run
+from tests.finetune.ft_support import short_run
 from transformers import TrainerCallback
 
 from finetune.train import ZERO2, TrainConfig, build, grad_accumulation

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("peft")
 
 import torch
-from ft_support import AUTHORS_PREFIX
+from tests.finetune.ft_support import AUTHORS_PREFIX
 
 from finetune.serve import lora_args
 from tests.support import servers

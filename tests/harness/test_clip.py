@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from _clip_support import CUB_SIMILAR, cub_images, one_thread
+from tests.harness._clip_support import CUB_SIMILAR, cub_images, one_thread
 
 from harness.contrastive import EncoderCounts, load_model, parse_spec, prefetch
 from harness.contrastive_score import (

@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from _clip_support import CUB_RANDOM, CUB_SIMILAR, cub_images, one_thread
+from tests.harness._clip_support import CUB_RANDOM, CUB_SIMILAR, cub_images, one_thread
 
 from harness.build import ImageRef, build_items
 from harness.contrastive import EncoderCounts, load_model, load_pixels
