@@ -110,21 +110,9 @@ def _modes(spec: str) -> tuple[str, ...]:
 
 
 def _taxonomy(args) -> str:
-    from harness.items import read_items
-    from harness.taxonomy import TAXONOMIES, infer_taxonomy
+    from harness.items import detect_taxonomy
 
-    if args.taxonomy:
-        if args.taxonomy not in TAXONOMIES:
-            raise ValueError(f"unknown taxonomy {args.taxonomy!r}; known: {', '.join(TAXONOMIES)}")
-        return args.taxonomy
-    items = list(islice(read_items(args.data, strict=False), 500))
-    declared = {i.taxonomy for i in items if i.taxonomy}
-    if len(declared) == 1:
-        return declared.pop()
-    guess = infer_taxonomy([i.label for i in items], [i.levels[0].truth or "" for i in items])
-    if guess is None:
-        raise ValueError(f"{args.data}: cannot tell the taxonomy from the labels; pass --taxonomy")
-    return guess
+    return detect_taxonomy(args.data, args.taxonomy)
 
 
 def _rest(values: list[str]) -> list[str]:

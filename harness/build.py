@@ -38,7 +38,7 @@ from harness.distractors import (
     make_strategy,
     rng_for,
 )
-from harness.items import MAX_CHOICES, ItemError, parse_record
+from harness.items import MAX_CHOICES, ItemError, iter_jsonl, parse_record
 from harness.taxonomy import Taxonomy, infer_taxonomy, load_taxonomy
 
 FORMATS = ("jsonl", "csv", "cub", "inat", "imagenet", "food")
@@ -187,16 +187,9 @@ def read_image_list(path: str | Path, split: str | None = None,
                 if (r := row(rec, reader.line_num)) is not None:
                     yield r
         return
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                rec = orjson.loads(raw)
-            except orjson.JSONDecodeError as e:
-                raise ItemError(path, lineno, None, f"invalid JSON: {e}") from None
-            if (r := row(rec, lineno)) is not None:
-                yield r
+    for lineno, rec in iter_jsonl(path, objects=False):
+        if (r := row(rec, lineno)) is not None:
+            yield r
 
 
 def _cub_root(root: Path) -> Path:

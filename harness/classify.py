@@ -153,19 +153,6 @@ def _style(args, model: str, default_max_tokens: int):
                  temperature=getattr(args, "temperature", 0.0))
 
 
-async def _resolve_model(client, model: str | None) -> str:
-    from harness.client import FatalError
-
-    served = await client.health()
-    if model:
-        if served and model not in served:
-            raise FatalError(f"model {model!r} is not served here; the endpoint serves: {', '.join(served)}")
-        return model
-    if len(served) == 1:
-        return served[0]
-    raise FatalError(f"--model is required: the endpoint serves {len(served)} models ({', '.join(served) or 'none listed'})")
-
-
 def _sha(path) -> str:
     from harness.items import file_hash
 
@@ -178,6 +165,7 @@ def _execute(args, *, kind: str, make, group_workers: int | None = None) -> int:
     from harness.classification.loop import Loop, check_resume, now, write_manifest
     from harness.client import Client, FatalError, RetryPolicy
     from harness.results import ResultStore
+    from harness.runner import resolve_model
 
     out = Path(args.out)
     api_key = os.environ.get(args.api_key_env) or None
@@ -188,7 +176,7 @@ def _execute(args, *, kind: str, make, group_workers: int | None = None) -> int:
         client = Client(args.endpoint, api_key, timeout=args.timeout, connections=max(64, args.concurrency * 2),
                         key_env=args.api_key_env)
         async with client:
-            model = args.model if args.dry_run and args.model else await _resolve_model(client, args.model)
+            model = args.model if args.dry_run and args.model else await resolve_model(client, args.model)
             settings, task, groups, summarize = make(model)
             if hasattr(task, "prepare"):
                 await task.prepare(client)

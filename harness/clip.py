@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from itertools import islice
 
 from harness.distractors import register_strategy
 
@@ -48,19 +47,9 @@ def _cmd_run(args) -> int:
 
 
 def _taxonomy_of(path: str, given: str | None) -> str:
-    if given:
-        return given
-    from harness.items import read_items
-    from harness.taxonomy import infer_taxonomy
+    from harness.items import detect_taxonomy
 
-    head = list(islice(read_items(path, strict=False), 500))
-    declared = {i.taxonomy for i in head if i.taxonomy}
-    if len(declared) == 1:
-        return declared.pop()
-    guess = infer_taxonomy([i.label for i in head], [i.levels[0].truth or "" for i in head])
-    if guess is None:
-        raise ValueError(f"{path}: cannot tell the taxonomy from the labels; pass --taxonomy")
-    return guess
+    return detect_taxonomy(path, given)
 
 
 def _cmd_mine(args) -> int:

@@ -156,6 +156,48 @@ def parse_record(rec: object, file: str | Path, line: int, root_map: list[tuple[
     )
 
 
+def load_json_line(raw: bytes, path: str | Path, lineno: int, *, objects: bool = True):
+    """Decode one JSONL line; ItemError naming file and line for invalid JSON (or, with `objects`,
+    for anything but a JSON object)."""
+    try:
+        rec = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise ItemError(path, lineno, None, f"invalid JSON: {e}") from None
+    if objects and not isinstance(rec, dict):
+        raise ItemError(path, lineno, None, f"expected a JSON object, got {type(rec).__name__}")
+    return rec
+
+
+def iter_jsonl(path: str | Path, *, objects: bool = True) -> Iterator[tuple[int, object]]:
+    """(line number, decoded value) for every non-blank line of a JSONL file, streamed."""
+    path = Path(path)
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                yield lineno, load_json_line(raw, path, lineno, objects=objects)
+
+
+def detect_taxonomy(path: str | Path, given: str | None = None) -> str:
+    """The taxonomy of an items file: `given`, else the items' `taxonomy` field, else inferred from
+    the labels of the first 500 items."""
+    from itertools import islice
+
+    from harness.taxonomy import TAXONOMIES, infer_taxonomy
+
+    if given:
+        if given not in TAXONOMIES:
+            raise ValueError(f"unknown taxonomy {given!r}; known: {', '.join(TAXONOMIES)}")
+        return given
+    items = list(islice(read_items(path, strict=False), 500))
+    declared = {i.taxonomy for i in items if i.taxonomy}
+    if len(declared) == 1:
+        return declared.pop()
+    guess = infer_taxonomy([i.label for i in items], [i.levels[0].truth or "" for i in items])
+    if guess is None:
+        raise ValueError(f"{path}: cannot tell the taxonomy from the labels; pass --taxonomy")
+    return guess
+
+
 def read_items(
     path: str | Path,
     *,
@@ -181,11 +223,7 @@ def read_items(
             if not raw.strip():
                 continue
             try:
-                try:
-                    rec = orjson.loads(raw)
-                except orjson.JSONDecodeError as e:
-                    raise ItemError(path, lineno, None, f"invalid JSON: {e}") from None
-                item = parse_record(rec, path, lineno, rm)
+                item = parse_record(load_json_line(raw, path, lineno, objects=False), path, lineno, rm)
             except ItemError as e:
                 if strict:
                     raise

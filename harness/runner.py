@@ -23,11 +23,11 @@ from pydantic import BaseModel, ConfigDict
 from harness import __version__
 from harness.client import Client, FatalError, RetryPolicy, redact_url
 from harness.engine import Decoding, Engine
-from harness.items import ItemError, ReadReport, file_hash, read_items
+from harness.items import ItemError, ReadReport, detect_taxonomy, file_hash, read_items
 from harness.pricing import estimate_image_tokens, estimate_text_tokens, price_for
 from harness.prompts import PromptConfig, Renderer, catalogue_hash
 from harness.results import ResultStore, summarize_results
-from harness.taxonomy import TAXONOMIES, infer_taxonomy
+from harness.taxonomy import TAXONOMIES
 
 EXIT_OK, EXIT_INPUT, EXIT_UNANSWERED, EXIT_FATAL = 0, 2, 3, 4
 
@@ -122,16 +122,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _peek_taxonomy(args) -> str:
-    if args.taxonomy:
-        return args.taxonomy
-    items = list(islice(read_items(args.data, strict=False), 500))
-    declared = {i.taxonomy for i in items if i.taxonomy}
-    if len(declared) == 1:
-        return declared.pop()
-    guess = infer_taxonomy([i.label for i in items], [i.levels[0].truth or "" for i in items])
-    if guess is None:
-        raise ValueError(f"{args.data}: cannot tell the taxonomy from the labels; pass --taxonomy")
-    return guess
+    return detect_taxonomy(args.data, args.taxonomy)
 
 
 def build_settings(args, model: str) -> RunSettings:
@@ -301,7 +292,8 @@ class _Progress:
         self.progress.update(self.tid, completed=s.answered + s.failed)
 
 
-async def _resolve_model(client: Client, model: str | None) -> str:
+async def resolve_model(client: Client, model: str | None) -> str:
+    """Health-check the endpoints; the served model when --model is omitted and there is just one."""
     served = await client.health()
     if model:
         if served and model not in served:
@@ -329,7 +321,7 @@ async def _run_async(args, endpoints: list[str]) -> int:
         if args.dry_run and args.model:
             model = args.model
         else:
-            model = await _resolve_model(client, args.model)
+            model = await resolve_model(client, args.model)
         settings = build_settings(args, model)
         check_resume(out, settings, args.force)
         out.mkdir(parents=True, exist_ok=True)

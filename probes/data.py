@@ -17,7 +17,7 @@ from pathlib import Path
 
 import orjson
 
-from harness.items import ItemError, parse_root_map, remap
+from harness.items import ItemError, iter_jsonl, parse_root_map, remap
 from harness.paths import data_dir
 from harness.taxonomy import Taxonomy, load_taxonomy
 
@@ -83,49 +83,40 @@ def read_image_items(
     idx = leaf_index(taxonomy) if taxonomy is not None else None
     dups = duplicate_ids(path)
     seen: dict[str, int] = {}  # only the (few) duplicated ids
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                rec = orjson.loads(raw)
-            except orjson.JSONDecodeError as e:
-                raise ItemError(path, lineno, None, f"invalid JSON: {e}") from None
-            if not isinstance(rec, dict):
-                raise ItemError(path, lineno, None, f"expected a JSON object, got {type(rec).__name__}")
-            for key in ("image", "label", "split"):
-                v = rec.get(key)
-                if not isinstance(v, str) or not v:
-                    raise ItemError(path, lineno, key, "missing field" if v is None else "must be a non-empty string")
-            levels = sorted((int(m.group(1)), v) for k, v in rec.items() if (m := _LEVEL_KEY.match(k)))
-            if levels:
-                if [n for n, _ in levels] != list(range(1, len(levels) + 1)):
-                    raise ItemError(path, lineno, "level1", "levelN fields must be contiguous from 1")
-                for n, v in levels:
-                    if v is not None and not isinstance(v, str):
-                        raise ItemError(path, lineno, f"level{n}", "must be a string or null")
-                labels = tuple(v for _, v in levels)
-            elif idx is not None:
-                found = idx.get(normalize_label(rec["label"]))
-                if found is None:
-                    if skip_unmatched:
-                        continue
-                    raise ItemError(path, lineno, "label",
-                                    f"{rec['label']!r} is not a leaf of taxonomy {taxonomy.source.name} "
-                                    f"(compared as {normalize_label(rec['label'])!r})")
-                labels = found
-            else:
-                raise ItemError(path, lineno, "level1", "no levelN fields: pass a taxonomy to label the levels")
-            item_id = rec.get("id", rec["image"])
-            if not isinstance(item_id, (str, int)):
-                raise ItemError(path, lineno, "id", "must be a string or integer")
-            item_id = str(item_id)
-            if item_id in dups:
-                k = seen.get(item_id, 0)
-                seen[item_id] = k + 1
-                if k:
-                    item_id = f"{item_id}#{k + 1}"
-            yield ProbeItem(item_id, item_id, rec["split"], tuple(labels), image=remap(rec["image"], rm), line=lineno)
+    for lineno, rec in iter_jsonl(path):
+        for key in ("image", "label", "split"):
+            v = rec.get(key)
+            if not isinstance(v, str) or not v:
+                raise ItemError(path, lineno, key, "missing field" if v is None else "must be a non-empty string")
+        levels = sorted((int(m.group(1)), v) for k, v in rec.items() if (m := _LEVEL_KEY.match(k)))
+        if levels:
+            if [n for n, _ in levels] != list(range(1, len(levels) + 1)):
+                raise ItemError(path, lineno, "level1", "levelN fields must be contiguous from 1")
+            for n, v in levels:
+                if v is not None and not isinstance(v, str):
+                    raise ItemError(path, lineno, f"level{n}", "must be a string or null")
+            labels = tuple(v for _, v in levels)
+        elif idx is not None:
+            found = idx.get(normalize_label(rec["label"]))
+            if found is None:
+                if skip_unmatched:
+                    continue
+                raise ItemError(path, lineno, "label",
+                                f"{rec['label']!r} is not a leaf of taxonomy {taxonomy.source.name} "
+                                f"(compared as {normalize_label(rec['label'])!r})")
+            labels = found
+        else:
+            raise ItemError(path, lineno, "level1", "no levelN fields: pass a taxonomy to label the levels")
+        item_id = rec.get("id", rec["image"])
+        if not isinstance(item_id, (str, int)):
+            raise ItemError(path, lineno, "id", "must be a string or integer")
+        item_id = str(item_id)
+        if item_id in dups:
+            k = seen.get(item_id, 0)
+            seen[item_id] = k + 1
+            if k:
+                item_id = f"{item_id}#{k + 1}"
+        yield ProbeItem(item_id, item_id, rec["split"], tuple(labels), image=remap(rec["image"], rm), line=lineno)
 
 
 def _record_id(raw: bytes) -> str | None:

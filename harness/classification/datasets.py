@@ -13,7 +13,7 @@ from pathlib import Path
 
 import orjson
 
-from harness.items import ItemError, parse_root_map, remap
+from harness.items import ItemError, iter_jsonl, parse_root_map, remap
 
 _PKG = Path(__file__).resolve().parents[1]
 _REPO = _PKG.parent
@@ -116,29 +116,20 @@ def read_class_items(path: str | Path, classes: Iterable[str], *, split: str | N
     known = set(classes)
     out: list[ClassItem] = []
     splits: dict[str, int] = {}
-    with path.open("rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = orjson.loads(line)
-            except orjson.JSONDecodeError as e:
-                raise ItemError(path, n, None, f"not valid JSON ({e})") from None
-            if not isinstance(rec, dict):
-                raise ItemError(path, n, None, f"expected a JSON object, got {type(rec).__name__}")
-            for key in ("image", "label"):
-                if not isinstance(rec.get(key), str) or not rec[key]:
-                    raise ItemError(path, n, key, "missing field" if key not in rec else "must be a non-empty string")
-            sp = rec.get("split")
-            if sp is not None and not isinstance(sp, str):
-                raise ItemError(path, n, "split", "must be a string")
-            splits[str(sp)] = splits.get(str(sp), 0) + 1
-            if split not in (None, "all") and sp != split:
-                continue
-            label = rec["label"].split(",")[0].strip() if first_synonym else rec["label"]
-            if label not in known:
-                raise ItemError(path, n, "label", f"{label!r} is not in the class list")
-            out.append(ClassItem(n, rec["image"], remap(rec["image"], rm), label, sp))
+    for n, rec in iter_jsonl(path):
+        for key in ("image", "label"):
+            if not isinstance(rec.get(key), str) or not rec[key]:
+                raise ItemError(path, n, key, "missing field" if key not in rec else "must be a non-empty string")
+        sp = rec.get("split")
+        if sp is not None and not isinstance(sp, str):
+            raise ItemError(path, n, "split", "must be a string")
+        splits[str(sp)] = splits.get(str(sp), 0) + 1
+        if split not in (None, "all") and sp != split:
+            continue
+        label = rec["label"].split(",")[0].strip() if first_synonym else rec["label"]
+        if label not in known:
+            raise ItemError(path, n, "label", f"{label!r} is not in the class list")
+        out.append(ClassItem(n, rec["image"], remap(rec["image"], rm), label, sp))
     if not out:
         have = ", ".join(f"{k} ({v})" for k, v in splits.items()) or "none"
         raise ValueError(f"{path}: no records with split {split!r} (splits present: {have})")
@@ -183,24 +174,15 @@ def parse_wiki_text(text: str) -> tuple[str, dict[str, str]]:
 def read_wikiqa(path: str | Path, *, root_map: Iterable[str] = ()) -> Iterator[WikiItem]:
     path = Path(path)
     rm = parse_root_map(root_map)
-    with path.open("rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = orjson.loads(line)
-            except orjson.JSONDecodeError as e:
-                raise ItemError(path, n, None, f"not valid JSON ({e})") from None
-            if not isinstance(rec, dict):
-                raise ItemError(path, n, None, f"expected a JSON object, got {type(rec).__name__}")
-            for key in ("image", "text", "label", "classname"):
-                if not isinstance(rec.get(key), str) or not rec[key]:
-                    raise ItemError(path, n, key, "missing field" if key not in rec else "must be a non-empty string")
-            try:
-                question, options = parse_wiki_text(rec["text"])
-            except ValueError as e:
-                raise ItemError(path, n, "text", str(e)) from None
-            if rec["label"] not in options:
-                raise ItemError(path, n, "label", f"must be one of A, B, C, D, got {rec['label']!r}")
-            yield WikiItem(n, rec["image"], remap(rec["image"], rm), rec["text"], question, options,
-                           rec["label"], rec["classname"], rec.get("wiki"))
+    for n, rec in iter_jsonl(path):
+        for key in ("image", "text", "label", "classname"):
+            if not isinstance(rec.get(key), str) or not rec[key]:
+                raise ItemError(path, n, key, "missing field" if key not in rec else "must be a non-empty string")
+        try:
+            question, options = parse_wiki_text(rec["text"])
+        except ValueError as e:
+            raise ItemError(path, n, "text", str(e)) from None
+        if rec["label"] not in options:
+            raise ItemError(path, n, "label", f"must be one of A, B, C, D, got {rec['label']!r}")
+        yield WikiItem(n, rec["image"], remap(rec["image"], rm), rec["text"], question, options,
+                       rec["label"], rec["classname"], rec.get("wiki"))

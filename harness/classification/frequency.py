@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import pairwise
 from pathlib import Path
 
-import orjson
+from harness.items import iter_jsonl
 
 BINS = (0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 1000, 10000, 100000)
 
@@ -82,26 +82,19 @@ def read_corpus(path: str | Path, field: str = "text") -> Iterator[str]:
     """Texts of a JSONL corpus: each line a JSON string, or an object whose `field` is a string or a
     list of strings (e.g. LLaVA conversation turns flattened by the user)."""
     path = Path(path)
-    with path.open("rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = orjson.loads(line)
-            except orjson.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-            if isinstance(rec, str):
-                yield rec
-                continue
-            if not isinstance(rec, dict) or field not in rec:
-                raise ValueError(f"{path}:{n}: field {field!r}: missing (each line: a string or an object with {field!r})")
-            v = rec[field]
-            if isinstance(v, str):
-                yield v
-            elif isinstance(v, list) and all(isinstance(x, str) for x in v):
-                yield from v
-            else:
-                raise ValueError(f"{path}:{n}: field {field!r}: must be a string or a list of strings")
+    for n, rec in iter_jsonl(path, objects=False):
+        if isinstance(rec, str):
+            yield rec
+            continue
+        if not isinstance(rec, dict) or field not in rec:
+            raise ValueError(f"{path}:{n}: field {field!r}: missing (each line: a string or an object with {field!r})")
+        v = rec[field]
+        if isinstance(v, str):
+            yield v
+        elif isinstance(v, list) and all(isinstance(x, str) for x in v):
+            yield from v
+        else:
+            raise ValueError(f"{path}:{n}: field {field!r}: must be a string or a list of strings")
 
 
 def count_classes(texts: Iterable[str], classes: Sequence[str], tokenize: Callable[[str], list[str]] = treebank_tokenize,
