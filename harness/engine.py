@@ -20,7 +20,8 @@ import orjson
 
 from harness.cache import RequestCache, request_key
 from harness.client import Client, FatalError, RetryableError, RetryPolicy
-from harness.images import ImagePayload, encode_image
+from harness.fanout import encode_or_error, fan_out, with_retries
+from harness.images import ImagePayload
 from harness.items import Item
 from harness.parsing import parse_letter, parse_yes_no
 from harness.pricing import cost
@@ -140,21 +141,18 @@ class Engine:
         return out
 
     async def _send(self, body: bytes, est_tokens: int) -> dict:
-        attempt = 0
-        while True:
+        async def attempt() -> dict:
             if self.token_limiter is not None:
                 await self.token_limiter.acquire(min(est_tokens, self.token_limiter.max_rate))
             if self.throttle is not None:
                 async with self.throttle:
                     pass
-            try:
-                return await self.client.post("/chat/completions", body)
-            except RetryableError as e:
-                if attempt >= self.retry.max_retries:
-                    raise
-                self.stats.retried += 1
-                await asyncio.sleep(self.retry.delay(attempt, e.retry_after))
-                attempt += 1
+            return await self.client.post("/chat/completions", body)
+
+        return await with_retries(attempt, self.retry, self._count_retry)
+
+    def _count_retry(self, _e: RetryableError) -> None:
+        self.stats.retried += 1
 
     async def ask(self, q: Question, image: ImagePayload | None) -> dict:
         """Answer fields of one question: from the memo/cache, a request already in flight, or the server."""
@@ -206,13 +204,7 @@ class Engine:
             self._inflight.pop(key, None)
 
     # ------------------------------------------------------------------ pipeline
-    def _encode(self, item: Item) -> ImagePayload | Exception:
-        try:
-            return encode_image(item.image, media=self.media, max_side=self.max_side)
-        except Exception as e:  # recorded per question, the run goes on
-            return e
-
-    async def produce(self, work: Iterator[tuple[Item, list[Question]]], queue: asyncio.Queue) -> None:
+    async def produce(self, work: Iterator[tuple[Item, list[Question]]], put) -> None:
         loop = asyncio.get_running_loop()
         window: deque = deque()
 
@@ -222,7 +214,7 @@ class Engine:
             for q in qs:
                 if self._stop.is_set():
                     return
-                await queue.put((q, image))
+                await put((q, image))
 
         for item, qs in work:
             if self._stop.is_set():
@@ -237,7 +229,8 @@ class Engine:
             if not asked:
                 continue
             needs_image = any(q.image for q in asked)
-            fut = loop.run_in_executor(self._pool, self._encode, item) if needs_image else None
+            fut = (loop.run_in_executor(self._pool, encode_or_error, item.image, self.media, self.max_side)
+                   if needs_image else None)
             if needs_image:
                 self.stats.images_encoded += 1
             window.append((item, asked, fut))
@@ -246,22 +239,10 @@ class Engine:
         while window and not self._stop.is_set():
             await emit(*window.popleft())
 
-    async def worker(self, queue: asyncio.Queue) -> None:
-        while True:
-            job = await queue.get()
-            try:
-                if job is None:
-                    return
-                if self._stop.is_set():
-                    continue
-                q, image = job
-                try:
-                    await self.handle(q, image)
-                except Exception as e:  # never let a worker die: the producer would block forever
-                    self.store.append(record(q, letter=None, raw=None, error=f"internal: {type(e).__name__}: {e}"[:300]))
-                    self.stats.failed += 1
-            finally:
-                queue.task_done()
+    def _crash(self, job, e: Exception) -> None:
+        q, _ = job
+        self.store.append(record(q, letter=None, raw=None, error=f"internal: {type(e).__name__}: {e}"[:300]))
+        self.stats.failed += 1
 
     async def handle(self, q: Question, image) -> None:
         if isinstance(image, Exception):
@@ -279,10 +260,6 @@ class Engine:
                 self.stats.fatal = str(e)
             self._stop.set()
             return
-        except Exception as e:  # a bug or an unexpected reply: record it, keep the worker alive
-            self.store.append(record(q, letter=None, raw=None, error=f"internal: {type(e).__name__}: {e}"[:300]))
-            self.stats.failed += 1
-            return
         ans = dict(ans)  # the memo, cache and in-flight waiters share the original
         letter = ans.pop("letter")
         raw = ans.pop("raw")
@@ -293,16 +270,10 @@ class Engine:
             self._stop.set()
 
     async def run(self, work: Iterator[tuple[Item, list[Question]]]) -> Stats:
-        queue: asyncio.Queue = asyncio.Queue(maxsize=self.concurrency * 2)
-        workers = [asyncio.create_task(self.worker(queue)) for _ in range(self.concurrency)]
         try:
-            await self.produce(work, queue)
-            for _ in workers:
-                await queue.put(None)
-            await asyncio.gather(*workers)
+            await fan_out(lambda put: self.produce(work, put), lambda job: self.handle(*job), self._crash,
+                          workers=self.concurrency, stop=self._stop)
         finally:
-            for w in workers:
-                w.cancel()
             self._pool.shutdown(wait=False, cancel_futures=True)
             self.store.flush()
             if self.cache is not None:

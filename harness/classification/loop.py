@@ -29,7 +29,8 @@ import orjson
 
 from harness import __version__
 from harness.client import Client, FatalError, RetryableError, RetryPolicy, redact_url
-from harness.images import ImagePayload, encode_image
+from harness.fanout import encode_or_error, fan_out, with_retries
+from harness.images import ImagePayload
 from harness.results import ResultStore
 
 _RETRY = RetryPolicy()
@@ -105,25 +106,23 @@ class Loop:
     async def call(self, group: Group, i: int, image: ImagePayload | None, head: Any = None) -> Any:
         path, body = self.task.request(group, i, image)
         data = orjson.dumps(body)
-        attempt = 0
-        while True:
+
+        async def attempt() -> Any:
             if self.throttle is not None:
                 async with self.throttle:
                     pass
-            try:
-                async with self._sem:
-                    self.stats.requests += 1
-                    resp = await self.client.post(path, data)
-                usage = resp.get("usage") or {}
-                self.stats.prompt_tokens += usage.get("prompt_tokens", 0) or 0
-                self.stats.completion_tokens += usage.get("completion_tokens", 0) or 0
-                return self.task.interpret(group, i, resp, head)
-            except RetryableError as e:
-                if attempt >= self.retry.max_retries:
-                    raise
-                self.stats.retried += 1
-                await asyncio.sleep(self.retry.delay(attempt, e.retry_after))
-                attempt += 1
+            async with self._sem:
+                self.stats.requests += 1
+                resp = await self.client.post(path, data)
+            usage = resp.get("usage") or {}
+            self.stats.prompt_tokens += usage.get("prompt_tokens", 0) or 0
+            self.stats.completion_tokens += usage.get("completion_tokens", 0) or 0
+            return self.task.interpret(group, i, resp, head)  # a malformed reply is retried too
+
+        return await with_retries(attempt, self.retry, self._count_retry)
+
+    def _count_retry(self, _e: RetryableError) -> None:
+        self.stats.retried += 1
 
     async def answer_group(self, group: Group, image: ImagePayload | None) -> list[Any]:
         answers: list[Any] = [None] * group.n
@@ -179,13 +178,7 @@ class Loop:
         self.stats.done += 1
 
     # ------------------------------------------------------------------ pipeline
-    def _encode(self, path: str) -> ImagePayload | Exception:
-        try:
-            return encode_image(path, media=self.media, max_side=self.max_side)
-        except Exception as e:  # noqa: BLE001 - recorded for the group, the run goes on
-            return e
-
-    async def produce(self, groups: Iterable[Group], queue: asyncio.Queue) -> None:
+    async def produce(self, groups: Iterable[Group], put) -> None:
         loop = asyncio.get_running_loop()
         window: deque = deque()
         for g in groups:
@@ -194,31 +187,22 @@ class Loop:
             self.stats.groups += 1
             fut = None
             if g.image is not None:
-                fut = loop.run_in_executor(self._pool, self._encode, g.image)
+                fut = loop.run_in_executor(self._pool, encode_or_error, g.image, self.media, self.max_side)
                 self.stats.images_encoded += 1
             window.append((g, fut))
             if len(window) > self.prefetch:
-                await queue.put(window.popleft())
+                await put(window.popleft())
         while window and not self._stop.is_set():
-            await queue.put(window.popleft())
+            await put(window.popleft())
 
-    async def worker(self, queue: asyncio.Queue) -> None:
-        while True:
-            job = await queue.get()
-            try:
-                if job is None:
-                    return
-                if self._stop.is_set():
-                    continue
-                g, fut = job
-                image = (await fut) if fut is not None else None
-                try:
-                    await self.handle(g, image)
-                except Exception as e:  # noqa: BLE001 - a bug or an odd reply: record it, keep the worker alive
-                    self.store.append(self.task.error_record(g, f"internal: {type(e).__name__}: {e}"[:300]))
-                    self.stats.failed += 1
-            finally:
-                queue.task_done()
+    async def _handle_job(self, job) -> None:
+        g, fut = job
+        await self.handle(g, (await fut) if fut is not None else None)
+
+    def _crash(self, job, e: Exception) -> None:
+        g, _ = job
+        self.store.append(self.task.error_record(g, f"internal: {type(e).__name__}: {e}"[:300]))
+        self.stats.failed += 1
 
     async def _ticker(self) -> None:
         while True:
@@ -229,17 +213,11 @@ class Loop:
                   f"{s.requests / dt:,.1f} req/s, {s.retried:,} retries", file=sys.stderr, flush=True)
 
     async def run(self, groups: Iterable[Group]) -> Stats:
-        queue: asyncio.Queue = asyncio.Queue(maxsize=self.group_workers * 2)
-        workers = [asyncio.create_task(self.worker(queue)) for _ in range(self.group_workers)]
         ticker = asyncio.create_task(self._ticker()) if self._progress_every else None
         try:
-            await self.produce(groups, queue)
-            for _ in workers:
-                await queue.put(None)
-            await asyncio.gather(*workers)
+            await fan_out(lambda put: self.produce(groups, put), self._handle_job, self._crash,
+                          workers=self.group_workers, stop=self._stop)
         finally:
-            for w in workers:
-                w.cancel()
             if ticker is not None:
                 ticker.cancel()
             self._pool.shutdown(wait=False, cancel_futures=True)
