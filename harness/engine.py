@@ -140,14 +140,17 @@ class Engine:
         out["letter"] = parse_letter(raw, q.choices, self.dec.parser)  # type: ignore[arg-type]
         return out
 
-    async def _send(self, body: bytes, est_tokens: int) -> dict:
+    async def _send(self, body: bytes, est_tokens: int, q: Question | None = None) -> dict:
+        """POST and (given the question) interpret, retried as one: a reply without choices is a
+        fault like a 503."""
         async def attempt() -> dict:
             if self.token_limiter is not None:
                 await self.token_limiter.acquire(min(est_tokens, self.token_limiter.max_rate))
             if self.throttle is not None:
                 async with self.throttle:
                     pass
-            return await self.client.post("/chat/completions", body)
+            resp = await self.client.post("/chat/completions", body)
+            return resp if q is None else self.interpret(q, resp)
 
         return await with_retries(attempt, self.retry, self._count_retry)
 
@@ -175,8 +178,7 @@ class Engine:
             empty_retry = True
             while True:
                 t0 = time.monotonic()
-                resp = await self._send(orjson.dumps(body), est)
-                ans = self.interpret(q, resp)
+                ans = await self._send(orjson.dumps(body), est, q)
                 if ans["raw"] == "" and empty_retry and q.option is None and self.dec.answer != "logprobs":
                     empty_retry = False  # one more try for an empty completion, then keep it
                     self.stats.retried += 1

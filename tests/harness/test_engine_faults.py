@@ -272,3 +272,26 @@ def test_cli_timeout_is_per_request(tmp_path, capsys):
     assert rc == 3, err
     recs = [r for r in read_results(tmp_path / "o" / "results.jsonl") if not r.get("auto")]
     assert len(recs) == 12 and all(r["error"] == "gave up after retries: timeout" for r in recs)
+
+
+def test_reply_without_choices_is_retried(tmp_path):
+    """Valid JSON without `choices` is a malformed reply: retried like a 503, then answered."""
+    from aiohttp import web
+
+    calls = {"n": 0}
+    stub = Stub()
+    real_chat = stub.chat
+
+    async def chat(request):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            await request.read()
+            return web.json_response({"id": "x", "object": "chat.completion"})
+        return await real_chat(request)
+
+    stub.chat = chat
+    with StubThread(stub) as st:
+        eng = run_engine(st.url, CUB_SIMILAR, tmp_path, limit=1, concurrency=1, timeout=5, retry=FAST)
+    assert eng.stats.failed == 0 and eng.stats.retried >= 1
+    recs = [r for r in read_results(tmp_path / "results.jsonl") if not r.get("auto")]
+    assert len(recs) == 3 and all(r["error"] is None and r["letter"] for r in recs)
