@@ -12,12 +12,12 @@ from typing import Self
 
 import orjson
 
-from harness import runner
-from harness.client import Client, RetryPolicy
-from harness.engine import Decoding, Engine
-from harness.items import ReadReport
-from harness.pricing import price_for
-from harness.results import ResultStore
+from harness.runs import runner
+from harness.backends.http import Client, RetryPolicy
+from harness.engine.core import Decoding, Engine
+from harness.data.items import ReadReport
+from harness.engine.pricing import price_for
+from harness.runs.results import ResultStore
 
 ROOT = Path(__file__).resolve().parents[1]
 CUB = ROOT / "data" / "hierarchy" / "CUB200_with_similar_choice.jsonl"

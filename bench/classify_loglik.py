@@ -43,7 +43,7 @@ def trie_nodes(token_lists) -> int:
 
 def token_table() -> list[tuple]:
     from harness.classification.datasets import data_dir, load_classes, unique
-    from harness.tinymodels import build_tokenizer
+    from harness.demo_models import build_tokenizer
 
     enc = None
     try:
@@ -123,9 +123,9 @@ def vllm_run(url: str, model: str, key: str | None, images: list[Path], classes:
              concurrency: int, tmp: Path, method: str) -> dict:
     from harness.classification.loglik import LoglikStyle, LoglikTask
     from harness.classification.loop import Loop
-    from harness.client import Client
-    from harness.images import encode_image
-    from harness.results import ResultStore
+    from harness.backends.http import Client
+    from harness.engine.images import encode_image
+    from harness.runs.results import ResultStore
 
     root = url.rsplit("/v1", 1)[0]
     task = LoglikTask(LoglikStyle(model=model, question=question, prefix=PREFIX), classes, method)  # type: ignore[arg-type]
@@ -199,7 +199,7 @@ def main() -> int:
         if a.model_dir:
             model_dir = Path(a.model_dir)
         else:
-            from harness.tinymodels import build_tiny_llava
+            from harness.demo_models import build_tiny_llava
 
             model_dir = build_tiny_llava(tmp / "llava")
         url, key, server = a.endpoint, os.environ.get(a.api_key_env), None

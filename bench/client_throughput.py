@@ -9,7 +9,7 @@ Client CPU = time.process_time() of this process (all its threads) over the time
 
 Throughput section, the same N distinct text-mode questions rendered from the shipped CUB file
 (`harness run --mode text --preset gpt-4o`: the reference GPT text protocol, every level asked):
-  (a) engine    harness.engine.Engine set up as `harness run` sets it up (dedupe on, as in text mode),
+  (a) engine    harness.engine.core.Engine set up as `harness run` sets it up (dedupe on, as in text mode),
                 rendering items lazily and writing a temp results.jsonl;
   (b) reference a ThreadPoolExecutor of 10 threads calling the synchronous
                 openai.OpenAI().chat.completions.create once per question (the reference GPT script);
@@ -41,9 +41,9 @@ import orjson
 from bench import streaming_memory
 from bench._client_common import MODEL, HarnessRun, fmt_table, log, machine, run_args, write_items
 from bench._client_stub import StubProcess
-from harness.engine import Engine
-from harness.items import read_items
-from harness.prompts import Renderer
+from harness.engine.core import Engine
+from harness.data.items import read_items
+from harness.prompts.hierarchy import Renderer
 
 # ---------------------------------------------------------------- the clients
 
@@ -65,7 +65,7 @@ def request_bodies(url: str, data: Path, out: Path, n: int, concurrency: int) ->
     h = HarnessRun(run_args(url, data, out, mode="text",
                             concurrency=concurrency, extra=["--preset", "gpt-4o"]))
     s = h.settings
-    from harness.engine import Decoding
+    from harness.engine.core import Decoding
     eng = Engine(client=None, store=None, prompt=s.prompt,  # type: ignore[arg-type]
                  decoding=Decoding(model=MODEL, answer=s.answer, max_tokens=s.max_tokens,
                                    temperature=s.temperature, seed=s.seed, parser=s.parser))
@@ -246,7 +246,7 @@ def locality(keys: list[str], window: int) -> dict:
 
 
 def images_and_locality(stub: StubProcess, tmp: Path, n_items: int, concurrency: int) -> dict:
-    import harness.engine as engine_mod
+    import harness.engine.core as engine_mod
 
     paths = make_pngs(tmp / "png", n_items)
     data = write_items(tmp / "image_items.jsonl", n_items, images=paths, unique_text=False)

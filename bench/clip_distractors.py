@@ -2,7 +2,7 @@
 
     python -m bench.clip_distractors [FILE ...] [--taxonomy cub]
 
-Per level, for each file: the sibling share of distractors (`harness.distractors.distractor_stats`:
+Per level, for each file: the sibling share of distractors (`harness.data.distractors.distractor_stats`:
 distractors sharing the truth's parent), the share a uniform draw of other same-level names would give
 (the expectation for each question, averaged), the distinct distractors offered per truth name, and
 how often a truth's most frequent distractor is offered (share of that truth's questions). Then the
@@ -23,8 +23,8 @@ DEFAULT = [ROOT / "data/hierarchy/CUB200_with_similar_choice.jsonl",
 
 
 def measures(path: Path, taxonomy) -> dict[int, dict]:
-    from harness.distractors import _parents_by_depth, depth_pools, distractor_stats
-    from harness.items import read_items
+    from harness.data.distractors import _parents_by_depth, depth_pools, distractor_stats
+    from harness.data.items import read_items
 
     par, _ = _parents_by_depth(taxonomy)
     pools = [sorted({n.lower() for n in p}) for p in depth_pools(taxonomy)]
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--taxonomy", default="cub")
     args = ap.parse_args(argv)
 
-    from harness.contrastive_mine import overlap_stats
-    from harness.taxonomy import load_taxonomy
+    from harness.data.similar import overlap_stats
+    from harness.data.taxonomy import load_taxonomy
 
     tax = load_taxonomy(args.taxonomy)
     fmt = lambda v, f: "-" if v is None else format(v, f) + "%"

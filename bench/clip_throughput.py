@@ -34,7 +34,7 @@ def make_images(root: Path, n: int, size: tuple[int, int]) -> str:
     import numpy as np
     from PIL import Image
 
-    from harness.items import read_items
+    from harness.data.items import read_items
 
     for item in islice(read_items(CUB), n):
         p = root / item.image[len(PREFIX) + 1:]
@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from harness.contrastive import default_workers, load_model
-    from harness.contrastive_score import ScoreStats, questions_for, reference_scores, score_items
-    from harness.contrastive_tiny import build_tiny_hf
-    from harness.items import read_items
+    from harness.backends.contrastive import default_workers, load_model
+    from harness.backends.clip import ScoreStats, questions_for, reference_scores, score_items
+    from tests.support.tiny_contrastive import build_tiny_hf
+    from harness.data.items import read_items
 
     if args.threads:
         torch.set_num_threads(args.threads)

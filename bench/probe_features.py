@@ -64,7 +64,7 @@ def make_items(path: Path, n: int, images: list[str]) -> Path:
 def build_model(family: str, folder: Path) -> Path:
     from transformers.utils import logging as hf_logging
 
-    from harness.tinymodels import build_tiny_llava, build_tiny_qwen2vl
+    from harness.demo_models import build_tiny_llava, build_tiny_qwen2vl
 
     hf_logging.disable_progress_bar()
 
@@ -79,7 +79,7 @@ def child(args) -> None:
     """One extraction in this (fresh) process; prints a JSON line of figures."""
     import torch
 
-    from harness.taxonomy import load_taxonomy
+    from harness.data.taxonomy import load_taxonomy
     from probes.data import read_image_items
     from probes.extract import Extractor, run_extraction
     from probes.recipes import load_recipe

@@ -110,7 +110,7 @@ def _modes(spec: str) -> tuple[str, ...]:
 
 
 def _taxonomy(args) -> str:
-    from harness.items import detect_taxonomy
+    from harness.data.items import detect_taxonomy
 
     return detect_taxonomy(args.data, args.taxonomy)
 
@@ -123,7 +123,7 @@ def cmd_data(args) -> int:
     import orjson
 
     from finetune.data import DataConfig, conversations_from_items, split_items_file, write_jsonl, write_llava
-    from harness.items import file_hash, read_items
+    from harness.data.items import file_hash, read_items
 
     src = Path(args.data)
     if not src.is_file():
@@ -132,7 +132,7 @@ def cmd_data(args) -> int:
     tax = _taxonomy(args)
     variants = {m: args.prompt_variant if args.prompt_variant is not None else 0 for m in modes}
     if args.profile:
-        from harness.servers import load_profile
+        from harness.serving.profiles import load_profile
 
         prof = load_profile(args.profile)
         if args.prompt_variant is None:

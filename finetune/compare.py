@@ -41,7 +41,7 @@ def compare(base: Side, tuned: Side, data: str | Path, out: str | Path, *, modes
             run_args: list[str] = ()) -> dict:
     """Run the four evaluations through `harness run` and write `compare.json` and `compare.md`."""
     from harness.cli import main as cli_main
-    from harness.report import rows, to_markdown
+    from harness.metrics.report import rows, to_markdown
 
     if not Path(data).is_file():
         raise FileNotFoundError(f"{data}: no such items file")

@@ -1,7 +1,7 @@
 """SFT data from benchmark items: the questions `harness run` asks, with their answers, as chat examples.
 
 The same items that are evaluated become training data: every level of every item is rendered by
-`harness.prompts.Renderer` (image mode and text-only mode, the reference prompt catalogue), and the
+`harness.prompts.hierarchy.Renderer` (image mode and text-only mode, the reference prompt catalogue), and the
 assistant turn is the option's letter (or its text). Items are split into train and eval by a stable
 hash of the species (the leaf label) or of the image, so a held-out item never leaks into training
 and a split does not depend on file order or on which other items exist.
@@ -27,8 +27,8 @@ from typing import Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness.items import LETTERS, Item, parse_root_map, read_items, remap
-from harness.prompts import PromptConfig, Question, Renderer, catalogue
+from harness.data.items import LETTERS, Item, parse_root_map, read_items, remap
+from harness.prompts.hierarchy import PromptConfig, Question, Renderer, catalogue
 
 Mode = Literal["image", "text"]
 Answer = Literal["letter", "option", "letter_option"]

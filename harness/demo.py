@@ -21,7 +21,7 @@ def draw_images(items_path: Path, root: Path, n: int) -> int:
     """A small JPEG per item at the remapped path (colour from the species, so images differ)."""
     from PIL import Image, ImageDraw
 
-    from harness.items import read_items
+    from harness.data.items import read_items
 
     k = 0
     for item in islice(read_items(items_path, root_map=[f"{AUTHORS_PREFIX}={root}"]), n):
@@ -49,7 +49,7 @@ def add_cli(sub) -> None:
 
 def cmd_demo(args) -> int:
     from harness.cli import main as cli_main
-    from harness.tinymodels import build_tiny_llava
+    from harness.demo_models import build_tiny_llava
 
     out = Path(args.out).resolve()
     model_dir = out / "tiny-llava"

@@ -7,6 +7,6 @@
 - `probes.data`: probing inputs (image JSONL + taxonomy; text-probing sentences);
 - `probes.store`: sharded float16 feature store, written as it goes, resumable;
 - `probes.extract`: the extractor and the batched, prefetching extraction loop;
-- `probes.train`: per-level probes, epoch selection, probe HCA via harness.metrics;
+- `probes.train`: per-level probes, epoch selection, probe HCA via harness.metrics.hierarchy;
 - `probes.cli`: `harness probe extract | text | train | info`.
 """

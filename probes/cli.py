@@ -150,7 +150,7 @@ def _run(args, ext, items, recipe, settings: dict, extra: dict) -> int:
 
 
 def cmd_extract(args) -> int:
-    from harness.items import file_hash
+    from harness.data.items import file_hash
     from probes.data import level_names, read_image_items, resolve_taxonomy
     from probes.extract import Extractor
 
@@ -183,8 +183,8 @@ _SHIPPED_SPLITS = {
 
 
 def cmd_text(args) -> int:
-    from harness.items import file_hash
-    from harness.taxonomy import load_taxonomy
+    from harness.data.items import file_hash
+    from harness.data.taxonomy import load_taxonomy
     from probes.data import level_names, load_split_taxonomy, shipped_probing_file, text_items
     from probes.extract import Extractor
 

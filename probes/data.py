@@ -17,9 +17,9 @@ from pathlib import Path
 
 import orjson
 
-from harness.items import ItemError, iter_jsonl, parse_root_map, remap
+from harness.data.items import ItemError, iter_jsonl, parse_root_map, remap
 from harness.paths import data_dir
-from harness.taxonomy import Taxonomy, load_taxonomy
+from harness.data.taxonomy import Taxonomy, load_taxonomy
 
 _LEVEL_KEY = re.compile(r"^level(\d+)$")
 

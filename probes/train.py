@@ -9,7 +9,7 @@ the stored (fixed) order, 500 epochs, float32 features, no normalisation. Model 
   - "reference": the best *test* accuracy over epochs, per level, as the reference reported it
     ([QUIRK] selection on the test set: optimistic; use it only to reproduce published numbers).
 Test predictions are written as a `results.jsonl` in the harness result format, and the metrics come
-from `harness.results.summarize_results` - the same code as `harness report` (which also reads it).
+from `harness.runs.results.summarize_results` - the same code as `harness report` (which also reads it).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from harness.metrics import Summary
-from harness.results import summarize_results, write_jsonl
+from harness.metrics.hierarchy import Summary
+from harness.runs.results import summarize_results, write_jsonl
 from probes.store import FeatureStore
 
 Select = Literal["val", "last", "reference"]

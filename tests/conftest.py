@@ -40,7 +40,7 @@ def taxonomy_dir() -> Path:
 @pytest.fixture(scope="session")
 def cub_items(cub_similar):
     """All items of the similar-choice CUB file, read once per session (read-only: Items are frozen)."""
-    from harness.items import read_items
+    from harness.data.items import read_items
 
     return tuple(read_items(cub_similar))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import orjson
 
-from harness.items import ItemError, iter_jsonl, parse_root_map, remap
+from harness.data.items import ItemError, iter_jsonl, parse_root_map, remap
 
 _PKG = Path(__file__).resolve().parents[1]
 _REPO = _PKG.parent

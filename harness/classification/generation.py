@@ -98,7 +98,7 @@ class GenerationTask:
 
 def latest_records(path) -> list[dict]:
     """Result lines, the last line of each qid winning (--retry-errors appends)."""
-    from harness.results import iter_records
+    from harness.runs.results import iter_records
 
     latest: dict[str, dict] = {}
     for rec in iter_records(path):

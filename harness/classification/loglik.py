@@ -36,7 +36,7 @@ from typing import Any, Literal
 from harness.classification.loop import Group, GroupError, post_root
 from harness.classification.prompts import ASSISTANT_SLOT, RawTemplate, raw_chat_template, strip_image
 from harness.classification.requests import user_message
-from harness.client import FatalError, RetryableError
+from harness.backends.http import FatalError, RetryableError
 
 PRIOR_QID = "prior"
 Method = Literal["trie", "prompt-logprobs"]

@@ -28,10 +28,10 @@ from typing import Any, Protocol
 import orjson
 
 from harness import __version__
-from harness.client import Client, FatalError, RetryableError, RetryPolicy, redact_url
-from harness.fanout import encode_or_error, fan_out, with_retries
-from harness.images import ImagePayload
-from harness.results import ResultStore
+from harness.backends.http import Client, FatalError, RetryableError, RetryPolicy, redact_url
+from harness.engine.fanout import encode_or_error, fan_out, with_retries
+from harness.engine.images import ImagePayload
+from harness.runs.results import ResultStore
 
 _RETRY = RetryPolicy()
 

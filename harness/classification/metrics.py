@@ -6,7 +6,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-from harness.metrics import bootstrap_ci
+from harness.metrics.hierarchy import bootstrap_ci
 
 
 @dataclass

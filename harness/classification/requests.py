@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from harness.classification.prompts import RawTemplate, raw_chat_template, strip_image
-from harness.client import RetryableError
-from harness.images import ImagePayload
+from harness.backends.http import RetryableError
+from harness.engine.images import ImagePayload
 
 RequestKind = Literal["chat", "raw"]
 

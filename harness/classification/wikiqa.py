@@ -8,7 +8,7 @@ without the image.
 
 Parsers: `reference` is MMMU's (strip punctuation; "(X)", else " X ", else option texts for answers
 over five words; several -> the right-most; none -> random.choice with random.seed(1234) over the
-file, counted and labelled as `random`); `robust` (harness.parsing.parse_robust, then the same on the
+file, counted and labelled as `random`); `robust` (harness.prompts.parsing.parse_robust, then the same on the
 text after the last answer cue) never guesses and counts what it cannot read.
 """
 
@@ -23,7 +23,7 @@ from harness.classification.loop import Group
 from harness.classification.prompts import catalogue
 from harness.classification.requests import Style, completion_text, generation_request, usage_tokens
 from harness.classification.scoring import final_answer
-from harness.parsing import parse_robust
+from harness.prompts.parsing import parse_robust
 
 Control = Literal["none", "classname", "noimage"]
 LETTERS = ("A", "B", "C", "D")

@@ -45,7 +45,7 @@ def _need_torch():
 @pytest.fixture(scope="session")
 def ft_llava_dir(tmp_path_factory) -> Path:
     _need_torch()
-    from harness.tinymodels import build_tiny_llava
+    from harness.demo_models import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("ft-llava"))
 
@@ -53,7 +53,7 @@ def ft_llava_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ft_qwen_dir(tmp_path_factory) -> Path:
     _need_torch()
-    from harness.tinymodels import build_tiny_qwen2vl, has_torchvision
+    from harness.demo_models import build_tiny_qwen2vl, has_torchvision
 
     if not has_torchvision():
         pytest.skip("tiny Qwen2-VL needs an importable torchvision (see .ci/patch_torchvision.py)")
@@ -78,7 +78,7 @@ def ft_items(tmp_path_factory) -> tuple[Path, Path]:
 def ft_sft(ft_items, tmp_path_factory) -> Path:
     """SFT JSONL: the image and text conversations of the items (images remapped to the stand-ins)."""
     from finetune.data import DataConfig, conversations_from_items, write_jsonl
-    from harness.items import read_items
+    from harness.data.items import read_items
 
     items, root = ft_items
     out = tmp_path_factory.mktemp("ft-sft") / "sft.jsonl"

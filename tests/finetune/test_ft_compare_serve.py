@@ -9,9 +9,9 @@ from tests.finetune.ft_support import AUTHORS_PREFIX, CUB
 
 from finetune.compare import Side, compare
 from finetune.serve import lora_args, max_lora_rank
-from harness.items import read_items
-from harness.prompts import PromptConfig, Renderer
-from harness.report import summarize_path
+from harness.data.items import read_items
+from harness.prompts.hierarchy import PromptConfig, Renderer
+from harness.metrics.report import summarize_path
 from tests.support.stub_server import Stub, StubThread
 
 

@@ -23,8 +23,8 @@ from finetune.data import (
     write_jsonl,
     write_llava,
 )
-from harness.items import LETTERS, read_items
-from harness.prompts import PromptConfig, Renderer
+from harness.data.items import LETTERS, read_items
+from harness.prompts.hierarchy import PromptConfig, Renderer
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import orjson
 import pytest
 from PIL import Image
 
-from harness.classify import add_cli
+from harness.cli.classify import add_cli
 
 pytestmark = pytest.mark.integration
 

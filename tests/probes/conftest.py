@@ -13,14 +13,14 @@ pytest.importorskip("transformers", reason="probes need transformers")
 
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory) -> Path:
-    from harness.tinymodels import build_tiny_llava
+    from harness.demo_models import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("probe-llava"))
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory) -> Path:
-    from harness.tinymodels import build_tiny_qwen2vl, has_torchvision
+    from harness.demo_models import build_tiny_qwen2vl, has_torchvision
 
     if not has_torchvision():
         pytest.skip("tiny Qwen2-VL needs an importable torchvision (see .ci/patch_torchvision.py)")
@@ -99,7 +99,7 @@ def build_tiny_qwen25vl(out: Path) -> Path:
         Qwen2VLVideoProcessor,
     )
 
-    from harness.tinymodels import _QWEN_SPECIALS, _QWEN_TEMPLATE, build_tokenizer
+    from harness.demo_models import _QWEN_SPECIALS, _QWEN_TEMPLATE, build_tokenizer
 
     tok = build_tokenizer("qwen2vl")
     ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIALS}
@@ -128,7 +128,7 @@ def build_tiny_qwen25vl(out: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def qwen25_ext(tmp_path_factory):
-    from harness.tinymodels import has_torchvision
+    from harness.demo_models import has_torchvision
     from probes.extract import Extractor
 
     if not has_torchvision():

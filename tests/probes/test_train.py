@@ -10,7 +10,7 @@ import numpy as np
 import orjson
 import pytest
 
-from harness.report import summarize_path
+from harness.metrics.report import summarize_path
 from probes.store import FeatureStore, StoreWriter
 from probes.train import ProbeConfig, level_tasks, train_probes, validation_groups
 

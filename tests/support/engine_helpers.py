@@ -18,11 +18,11 @@ from pathlib import Path
 
 import orjson
 
-from harness.client import Client, RetryPolicy
-from harness.engine import Decoding, Engine
-from harness.items import read_items
-from harness.prompts import PromptConfig, Renderer
-from harness.results import ResultStore
+from harness.backends.http import Client, RetryPolicy
+from harness.engine.core import Decoding, Engine
+from harness.data.items import read_items
+from harness.prompts.hierarchy import PromptConfig, Renderer
+from harness.runs.results import ResultStore
 from tests.support.stub_server import Stub, _h, free_port
 
 REPO = Path(__file__).resolve().parents[2]

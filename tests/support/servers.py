@@ -65,20 +65,20 @@ class Server:
 
 # The process machinery is the package's own (harness/launch.py): one implementation for the
 # embedded `harness run --model` server and for the tests.
-from harness.launch import (
+from harness.serving.launcher import (
     TF_LAUNCHER as _TF_LAUNCHER,
 )
-from harness.launch import (
+from harness.serving.launcher import (
     free_port,
     wait_healthy,
 )
-from harness.launch import (
+from harness.serving.launcher import (
     pdeathsig_preexec as _pdeathsig_preexec,
 )
-from harness.launch import (
+from harness.serving.launcher import (
     stop_group as _stop,
 )
-from harness.launch import (
+from harness.serving.launcher import (
     tail as _tail,
 )
 

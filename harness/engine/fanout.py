@@ -1,0 +1,76 @@
+"""The streaming core shared by every engine: a bounded queue feeding N worker tasks, retries of one
+request, and image encoding that never raises. One task per worker, never one per question, so memory
+stays flat with run size (lm-evaluation-harness hangs at ~20k tasks created up front)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from harness.backends.http import RetryableError, RetryPolicy
+from harness.engine.images import ImagePayload, encode_image
+
+T = TypeVar("T")
+Job = Any
+
+
+async def fan_out(produce: Callable[[Callable[[Job], Awaitable[None]]], Awaitable[None]],
+                  handle: Callable[[Job], Awaitable[None]], on_crash: Callable[[Job, Exception], None], *,
+                  workers: int, stop: asyncio.Event) -> None:
+    """Run `produce(put)` while `workers` tasks `handle` what it puts (the queue holds 2 per worker,
+    so the producer blocks instead of materialising the run). After `stop` is set, queued jobs are
+    dropped (they are asked again on resume). A handler's unexpected exception goes to `on_crash`
+    and the worker lives on: a dead worker would leave the producer blocked forever."""
+    queue: asyncio.Queue = asyncio.Queue(maxsize=workers * 2)
+
+    async def worker() -> None:
+        while True:
+            job = await queue.get()
+            try:
+                if job is None:
+                    return
+                if stop.is_set():
+                    continue
+                try:
+                    await handle(job)
+                except Exception as e:  # noqa: BLE001 - recorded by on_crash
+                    on_crash(job, e)
+            finally:
+                queue.task_done()
+
+    tasks = [asyncio.create_task(worker()) for _ in range(workers)]
+    try:
+        await produce(queue.put)
+        for _ in tasks:
+            await queue.put(None)
+        await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def with_retries(attempt: Callable[[], Awaitable[T]], policy: RetryPolicy,
+                       on_retry: Callable[[RetryableError], None] | None = None) -> T:
+    """`attempt()` again after each RetryableError (backoff with full jitter, Retry-After honoured),
+    at most `policy.max_retries` times; then the last error propagates."""
+    n = 0
+    while True:
+        try:
+            return await attempt()
+        except RetryableError as e:
+            if n >= policy.max_retries:
+                raise
+            if on_retry is not None:
+                on_retry(e)
+            await asyncio.sleep(policy.delay(n, e.retry_after))
+            n += 1
+
+
+def encode_or_error(path: str, media: str, max_side: int | None) -> ImagePayload | Exception:
+    """Encode an image in a worker thread; a failure is returned (recorded for the questions of that
+    image) rather than raised, so the run goes on."""
+    try:
+        return encode_image(path, media=media, max_side=max_side)
+    except Exception as e:  # noqa: BLE001
+        return e

@@ -1,0 +1,262 @@
+"""Start a local OpenAI-compatible server for `harness run --model PATH_OR_HUB_ID` (no --endpoint).
+
+vLLM when it is importable and a GPU is present (`python -m vllm.entrypoints.openai.api_server`,
+with the matching `servers/` profile's arguments when the model is one of the study's), otherwise
+`transformers serve` (the `[serve]` extra) on the CPU. The server gets its own process group on a
+free loopback port; we wait for /health and /v1/models, run through the same client path as any
+endpoint, and stop the whole group afterwards (SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port free on ``host`` right now (the usual bind-to-0 trick; tiny race window)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path, max_chars: int = 6000) -> str:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return f"<no log: {e}>"
+    return data[-max_chars:].decode("utf-8", "replace")
+
+
+def http_status(url: str, api_key: str | None, timeout: float = 5.0) -> int | None:
+    req = urllib.request.Request(url)
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError, TimeoutError):
+        return None
+
+
+def wait_healthy(
+    proc: subprocess.Popen,
+    root_url: str,
+    *,
+    api_key: str | None,
+    timeout: float,
+    log_path: Path,
+    name: str,
+    interval: float = 0.5,
+) -> float:
+    """Poll ``/health`` then ``/v1/models`` until both are 200; returns the seconds it took."""
+    start = time.monotonic()
+    deadline = start + timeout
+    last = None
+    while True:
+        rc = proc.poll()
+        if rc is not None:
+            raise ServerStartError(
+                f"{name} exited with status {rc} before becoming healthy; log {log_path}:\n{tail(log_path)}"
+            )
+        health = http_status(f"{root_url}/health", api_key)
+        if health == 200:
+            models = http_status(f"{root_url}/v1/models", api_key)
+            if models == 200:
+                return time.monotonic() - start
+            last = f"/v1/models -> {models}"
+        else:
+            last = f"/health -> {health}"
+        if time.monotonic() > deadline:
+            raise ServerStartError(
+                f"{name} not healthy after {timeout:.0f} s (last: {last}); log {log_path}:\n{tail(log_path)}"
+            )
+        time.sleep(interval)
+
+
+def pdeathsig_preexec():
+    """Linux: a preexec_fn making the kernel SIGTERM the server when the test process dies without
+    cleaning up (e.g. SIGKILLed by a CI timeout). libc is resolved here, in the parent, so the child
+    only makes one foreign call between fork and exec. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:  # pragma: no cover - runs in the child
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return preexec
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """Terminate the server's whole process group (vLLM forks an engine core and workers).
+
+    SIGTERM, up to ``grace`` seconds for the group to go, then SIGKILL. The group id is the leader's
+    pid (``start_new_session=True``)."""
+    pgid = proc.pid
+
+    def group_alive() -> bool:
+        proc.poll()  # reap the leader, or its zombie keeps the group "alive"
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # pragma: no cover
+            return True
+        return True
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not group_alive():
+                return
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def managed_server(cmd: list[str], port: int, *, env: dict | None = None, timeout: float = 900.0,
+                   log_path: Path | None = None, name: str = "server", api_key: str | None = None) -> Iterator[str]:
+    """Run `cmd` in its own process group, wait until /health and /v1/models answer 200, yield the
+    base URL (…/v1), stop the group on exit. The log's tail is in the error when start-up fails."""
+    log_path = log_path or Path(tempfile.mkstemp(prefix=f"harness-{name}-", suffix=".log")[1])
+    with open(log_path, "ab", buffering=0) as log:
+        log.write(f"$ {' '.join(cmd)}\n".encode())
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True,  # own process group: stopped as a whole
+                                preexec_fn=pdeathsig_preexec())  # noqa: PLW1509
+    try:
+        wait_healthy(proc, f"http://{LOOPBACK}:{port}", api_key=api_key, timeout=timeout, log_path=log_path, name=name)
+        yield f"http://{LOOPBACK}:{port}/v1"
+    finally:
+        stop_group(proc)
+
+
+def _has_gpu_vllm() -> bool:
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def vllm_command(model: str, port: int, python: str | None = None) -> list[str]:
+    """The vLLM OpenAI server for `model`, with the study profile's arguments when one matches."""
+    args: list[str] = []
+    with contextlib.suppress(Exception):
+        from harness.serving.profiles import load_profile
+
+        prof = load_profile(model)
+        args = prof.vllm_args(host=LOOPBACK, port=port, model_path=model)
+        if args and args[0] == model:
+            args = args[1:]
+        # the profile may carry --host/--port already: drop them, ours win
+        cleaned, skip = [], False
+        for a in args:
+            if skip:
+                skip = False
+                continue
+            if a in ("--host", "--port"):
+                skip = True
+                continue
+            cleaned.append(a)
+        args = cleaned
+    return [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+            "--served-model-name", model, "--host", LOOPBACK, "--port", str(port), *args]
+
+
+# transformers serve decodes data URLs with torchvision.io, which the registry's CUDA-only
+# torchvision cannot do on a CPU machine: fall back to PIL there (no effect where torchvision works).
+TF_LAUNCHER = r"""
+import sys
+try:
+    import torchvision.io as tio
+    from torchvision.io import image as tio_image
+    ok = getattr(tio_image, "_has_image_ops", lambda: True)()
+except Exception:
+    tio = None
+    ok = True
+if tio is not None and not ok:
+    import io
+    import numpy as np, torch
+    from PIL import Image, ImageOps
+    _modes = {"UNCHANGED": None, "GRAY": "L", "GRAY_ALPHA": "LA", "RGB": "RGB", "RGB_ALPHA": "RGBA"}
+    def decode_image(input, mode=tio.ImageReadMode.UNCHANGED, apply_exif_orientation=False):
+        img = Image.open(input if isinstance(input, str) else io.BytesIO(input.numpy().tobytes()))
+        if apply_exif_orientation:
+            img = ImageOps.exif_transpose(img)
+        t = _modes.get(getattr(mode, "name", str(mode)))
+        if t is not None and img.mode != t:
+            img = img.convert(t)
+        a = np.asarray(img)
+        a = a[:, :, None] if a.ndim == 2 else a
+        return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()
+    tio.decode_image = decode_image
+    tio_image.decode_image = decode_image
+from transformers.cli.transformers import main
+sys.argv = ["transformers", *sys.argv[1:]]
+sys.exit(main())
+"""
+
+
+def transformers_command(model: str, port: int, device: str = "cpu") -> list[str]:
+    return [sys.executable, "-c", TF_LAUNCHER, "serve", model, "--host", LOOPBACK, "--port", str(port),
+            "--device", device]
+
+
+@contextlib.contextmanager
+def local_server(model: str, *, quiet: bool = False, backend: str = "auto", timeout: float = 900.0) -> Iterator[tuple[str, str]]:
+    """Start a server for `model` (local folder or hub id); yields (base URL, served model name)."""
+    port = free_port()
+    env = dict(os.environ)
+    if backend == "auto":
+        backend = "vllm" if _has_gpu_vllm() else "transformers"
+    if backend == "vllm":
+        cmd = vllm_command(model, port)
+    else:
+        if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("fastapi") is None:
+            raise ServerStartError("no local server available: install vLLM (GPU) or the `[serve]` extra "
+                                   "(pip install 'vlm-hierarchy-harness[serve]' torch==2.13.0), or pass --endpoint")
+        hub_cache = env.get("HF_HUB_CACHE") or str(Path.home() / ".cache" / "huggingface" / "hub")
+        Path(hub_cache).mkdir(parents=True, exist_ok=True)  # /v1/models fails without it
+        env["HF_HUB_CACHE"] = hub_cache
+        if Path(model).exists():
+            env.setdefault("HF_HUB_OFFLINE", "1")
+        cmd = transformers_command(model, port)
+    if not quiet:
+        print(f"harness: starting {backend} server for {model} on {LOOPBACK}:{port} ...", file=sys.stderr)
+    t0 = time.monotonic()
+    with managed_server(cmd, port, env=env, timeout=timeout, name=backend) as url:
+        if not quiet:
+            print(f"harness: server ready in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+        yield url, model
