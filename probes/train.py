@@ -9,7 +9,7 @@ the stored (fixed) order, 500 epochs, float32 features, no normalisation. Model 
   - "reference": the best *test* accuracy over epochs, per level, as the reference reported it
     ([QUIRK] selection on the test set: optimistic; use it only to reproduce published numbers).
 Test predictions are written as a `results.jsonl` in the harness result format, and the metrics come
-from `harness.runs.results.summarize_results` - the same code as `harness report` (which also reads it).
+from `harness.metrics.readers.summarize_results` - the same code as `harness report` (which also reads it).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from harness.metrics.hierarchy import Summary
-from harness.runs.results import summarize_results, write_jsonl
+from harness.runs.results import write_jsonl
+from harness.metrics.readers import summarize_results
 from probes.store import FeatureStore
 
 Select = Literal["val", "last", "reference"]

@@ -53,7 +53,6 @@ def cli(monkeypatch, capsys):
     tests exercise the core commands only and do not depend on modules in flux."""
     import harness.cli
 
-    monkeypatch.setattr(harness.cli, "_PLUGINS", [])
     monkeypatch.setenv("COLUMNS", "400")  # rich: no wrapping of the printed tables
 
     def run(*argv: str) -> tuple[int, str, str]:

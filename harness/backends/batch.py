@@ -23,7 +23,8 @@ from harness.backends.http import FatalError, RetryableError, classify
 from harness.engine.core import Decoding, Engine
 from harness.engine.images import encode_image
 from harness.data.items import ReadReport
-from harness.runs.results import ResultStore, record, summarize_results
+from harness.runs.results import ResultStore, record
+from harness.metrics.readers import summarize_results
 
 MAX_LINES = 50_000  # OpenAI's per-batch request limit
 MAX_BYTES = 190 * 1024 * 1024  # under the 200 MB file limit
@@ -31,7 +32,7 @@ LIVE = {"validating", "in_progress", "finalizing", "cancelling"}
 
 
 def add_cli(sub) -> None:
-    from harness.runs.runner import add_run_arguments
+    from harness.cli.run import add_run_arguments
 
     p = sub.add_parser("batch", help="OpenAI Batch API: submit a run as batch files, collect the answers")
     bsub = p.add_subparsers(dest="batch_command", metavar="SUBCOMMAND", required=True)
@@ -83,14 +84,14 @@ def _engine(settings, model: str) -> Engine:
 
 
 def _questions(args, settings, done: set[str]):
-    from harness.runs.runner import _work
+    from harness.cli.run import _work
 
     report = ReadReport()
     yield from _work(args, settings, done, report)
 
 
 async def _submit(args) -> int:
-    from harness.runs.runner import build_settings, check_resume, write_manifest
+    from harness.cli.run import build_settings, check_resume, write_manifest
 
     if not args.endpoint or not args.model:
         raise ValueError("batch submit needs --endpoint (e.g. https://api.openai.com/v1) and --model")
@@ -174,7 +175,7 @@ async def _submit(args) -> int:
 
 
 async def _collect(args) -> int:
-    from harness.runs.runner import RunSettings
+    from harness.cli.run import RunSettings
 
     out = Path(args.out)
     manifest = orjson.loads((out / "run.json").read_bytes())

@@ -30,7 +30,8 @@ from harness import __version__
 from harness.backends.contrastive import ContrastiveModel, EncoderCounts, load_pixels, prefetch
 from harness.data.items import LETTERS, Item, ItemError, ReadReport, file_hash, read_items
 from harness.prompts.hierarchy import Question, make_qid
-from harness.runs.results import ResultStore, record, summarize_results
+from harness.runs.results import ResultStore, record
+from harness.metrics.readers import summarize_results
 
 ANSWER_MODE = "clip"
 EXIT_OK, EXIT_INPUT, EXIT_UNANSWERED = 0, 2, 3

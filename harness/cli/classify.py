@@ -165,7 +165,7 @@ def _execute(args, *, kind: str, make, group_workers: int | None = None) -> int:
     from harness.classification.loop import Loop, check_resume, now, write_manifest
     from harness.backends.http import Client, FatalError, RetryPolicy
     from harness.runs.results import ResultStore
-    from harness.runs.runner import resolve_model
+    from harness.cli.run import resolve_model
 
     out = Path(args.out)
     api_key = os.environ.get(args.api_key_env) or None

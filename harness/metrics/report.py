@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.metrics.hierarchy import Summary
-from harness.runs.results import summarize_reference, summarize_results
+from harness.metrics.readers import summarize_reference, summarize_results
 
 COLUMNS = ["n_items", "hca", "leaf_acc", "por", "strict_por", "tor", "por_f1", "hf1",
            "leaf_right_ancestor_wrong", "ancestors_right_leaf_wrong", "n_questions", "n_unanswered"]
@@ -98,17 +98,3 @@ def to_markdown(results: list[tuple[str, Summary]]) -> str:
                  _fmt(s.por), _fmt(s.strict_por), _fmt(s.tor), *[_fmt(s.per_level.get(lv, float("nan"))) for lv in levels]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def main(args) -> int:
-    results = rows(args.paths, args.score_from)
-    if args.csv:
-        Path(args.csv).write_text(to_csv(results))
-    if args.markdown:
-        Path(args.markdown).write_text(to_markdown(results))
-    if args.json:
-        objs = [s.to_json() | {"run": name} for name, s in results]
-        sys.stdout.write(orjson.dumps(objs[0] if len(objs) == 1 else objs, option=orjson.OPT_INDENT_2).decode() + "\n")
-    else:
-        render_table(results)
-    return 0

@@ -64,7 +64,7 @@ BenchName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
 Mode = Literal["image", "text", "binary"]
 Variant = int | str
 CELL_FILE = "plan-cell.json"
-EXIT_FATAL = 4  # harness run: the endpoint refused (harness.runs.runner.EXIT_FATAL)
+EXIT_FATAL = 4  # harness run: the endpoint refused (harness.cli.run.EXIT_FATAL)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -211,7 +211,7 @@ class PlanSpec(BaseModel):
                     raise ValueError(f"benchmarks[{i}] ({b.name}): taxonomy is required for kind = \"run\"")
             for i, m in enumerate(self.models):
                 if m.preset is not None:
-                    from harness.runs.runner import PRESETS
+                    from harness.cli.run import PRESETS
 
                     if m.preset not in PRESETS:
                         raise ValueError(f"models[{i}] ({m.name}).preset: unknown preset {m.preset!r}; known: {', '.join(PRESETS)}")

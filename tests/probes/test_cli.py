@@ -14,7 +14,6 @@ PREFIX = "/projectnb/ivc-ml/yuwentan/dataset"
 def harness_cli(monkeypatch, capsys):
     import harness.cli
 
-    monkeypatch.setattr(harness.cli, "_PLUGINS", ["probes.cli"])
     monkeypatch.setenv("COLUMNS", "300")
 
     def run(*argv) -> tuple[int, str, str]:

@@ -15,7 +15,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from harness.runs.results import ResultStore, repair_tail, summarize_results
+from harness.runs.results import ResultStore, repair_tail
+from harness.metrics.readers import summarize_results
 from tests.support.engine_helpers import (
     CUB_RANDOM,
     CUB_SIMILAR,

@@ -195,7 +195,7 @@ def test_text_og_llm_and_prompt_plans():
 def test_cell_arguments_give_the_profiles_settings(tmp_path):
     """A CUB cell's command line, parsed by the real `harness run`, yields the paper's settings."""
     from harness.cli import build_parser
-    from harness.runs.runner import build_settings
+    from harness.cli.run import build_settings
 
     exp = _expand("hierarchy-text", only=["qwen2.5-vl-7b/cub.*"], out=str(tmp_path))
     (cell,) = exp.cells

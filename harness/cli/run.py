@@ -26,7 +26,8 @@ from harness.engine.core import Decoding, Engine
 from harness.data.items import ItemError, ReadReport, detect_taxonomy, file_hash, read_items
 from harness.engine.pricing import estimate_image_tokens, estimate_text_tokens, price_for
 from harness.prompts.hierarchy import PromptConfig, Renderer, catalogue_hash
-from harness.runs.results import ResultStore, summarize_results
+from harness.runs.results import ResultStore
+from harness.metrics.readers import summarize_results
 from harness.data.taxonomy import TAXONOMIES
 
 EXIT_OK, EXIT_INPUT, EXIT_UNANSWERED, EXIT_FATAL = 0, 2, 3, 4
