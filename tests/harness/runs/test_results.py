@@ -18,10 +18,9 @@ from harness.runs.results import (
     iter_records,
     record,
     repair_tail,
-    summarize_reference,
-    summarize_results,
     write_jsonl,
 )
+from harness.metrics.readers import summarize_reference, summarize_results
 
 CONTRACT_FIELDS = {"qid", "item", "level", "truth", "choices", "letter", "prediction", "raw", "error"}
 
