@@ -18,7 +18,7 @@ COMMANDS = [
     "harness.cli.data",
     "harness.data.build",
     "harness.backends.batch",
-    "harness.serving.profiles",
+    "harness.cli.serve",
     "harness.demo",
     "harness.cli.clip",
     "harness.cli.classify",

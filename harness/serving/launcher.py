@@ -1,8 +1,9 @@
-"""Start a local OpenAI-compatible server for `harness run --model PATH_OR_HUB_ID` (no --endpoint).
+"""Start a local OpenAI-compatible server: for `harness run --model PATH_OR_HUB_ID` (no --endpoint) and
+for a plan's model without an endpoint.
 
-vLLM when it is importable and a GPU is present (`python -m vllm.entrypoints.openai.api_server`,
-with the matching `servers/` profile's arguments when the model is one of the study's), otherwise
-`transformers serve` (the `[serve]` extra) on the CPU. The server gets its own process group on a
+vLLM when it is importable and a GPU is present (with the matching `servers/` profile's arguments
+when the model has one), otherwise `transformers serve` (the `[serve]` extra) on the CPU; the argv
+and the choice come from harness.serving.command. The server gets its own process group on a
 free loopback port; we wait for /health and /v1/models, run through the same client path as any
 endpoint, and stop the whole group afterwards (SIGTERM, then SIGKILL).
 """
@@ -10,7 +11,6 @@ endpoint, and stop the whole group afterwards (SIGTERM, then SIGKILL).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import signal
 import socket
@@ -22,6 +22,30 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from harness.serving.command import (
+    TF_LAUNCHER,
+    choose_backend,
+    default_launcher,
+    transformers_available,
+    transformers_command,
+    vllm_command,
+)
+from harness.serving.profiles import API_KEY_ENV, ServerProfile, find_profile
+
+__all__ = [
+    "LOOPBACK",
+    "TF_LAUNCHER",
+    "ServerStartError",
+    "free_port",
+    "local_server",
+    "managed_server",
+    "pdeathsig_preexec",
+    "start_server",
+    "stop_group",
+    "tail",
+    "wait_healthy",
+]
 
 LOOPBACK = "127.0.0.1"
 
@@ -159,92 +183,27 @@ def managed_server(cmd: list[str], port: int, *, env: dict | None = None, timeou
         stop_group(proc)
 
 
-def _has_gpu_vllm() -> bool:
-    if importlib.util.find_spec("vllm") is None:
-        return False
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
-
-
-def vllm_command(model: str, port: int, python: str | None = None) -> list[str]:
-    """The vLLM OpenAI server for `model`, with the study profile's arguments when one matches."""
-    args: list[str] = []
-    with contextlib.suppress(Exception):
-        from harness.serving.profiles import load_profile
-
-        prof = load_profile(model)
-        args = prof.vllm_args(host=LOOPBACK, port=port, model_path=model)
-        if args and args[0] == model:
-            args = args[1:]
-        # the profile may carry --host/--port already: drop them, ours win
-        cleaned, skip = [], False
-        for a in args:
-            if skip:
-                skip = False
-                continue
-            if a in ("--host", "--port"):
-                skip = True
-                continue
-            cleaned.append(a)
-        args = cleaned
-    return [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-            "--served-model-name", model, "--host", LOOPBACK, "--port", str(port), *args]
-
-
-# transformers serve decodes data URLs with torchvision.io, which the registry's CUDA-only
-# torchvision cannot do on a CPU machine: fall back to PIL there (no effect where torchvision works).
-TF_LAUNCHER = r"""
-import sys
-try:
-    import torchvision.io as tio
-    from torchvision.io import image as tio_image
-    ok = getattr(tio_image, "_has_image_ops", lambda: True)()
-except Exception:
-    tio = None
-    ok = True
-if tio is not None and not ok:
-    import io
-    import numpy as np, torch
-    from PIL import Image, ImageOps
-    _modes = {"UNCHANGED": None, "GRAY": "L", "GRAY_ALPHA": "LA", "RGB": "RGB", "RGB_ALPHA": "RGBA"}
-    def decode_image(input, mode=tio.ImageReadMode.UNCHANGED, apply_exif_orientation=False):
-        img = Image.open(input if isinstance(input, str) else io.BytesIO(input.numpy().tobytes()))
-        if apply_exif_orientation:
-            img = ImageOps.exif_transpose(img)
-        t = _modes.get(getattr(mode, "name", str(mode)))
-        if t is not None and img.mode != t:
-            img = img.convert(t)
-        a = np.asarray(img)
-        a = a[:, :, None] if a.ndim == 2 else a
-        return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()
-    tio.decode_image = decode_image
-    tio_image.decode_image = decode_image
-from transformers.cli.transformers import main
-sys.argv = ["transformers", *sys.argv[1:]]
-sys.exit(main())
-"""
-
-
-def transformers_command(model: str, port: int, device: str = "cpu") -> list[str]:
-    return [sys.executable, "-c", TF_LAUNCHER, "serve", model, "--host", LOOPBACK, "--port", str(port),
-            "--device", device]
-
-
 @contextlib.contextmanager
-def local_server(model: str, *, quiet: bool = False, backend: str = "auto", timeout: float = 900.0) -> Iterator[tuple[str, str]]:
-    """Start a server for `model` (local folder or hub id); yields (base URL, served model name)."""
+def start_server(model: str | None = None, *, profile: ServerProfile | None = None,
+                 served_model_name: str | None = None, backend: str = "auto", timeout: float = 900.0,
+                 log_path: Path | None = None, quiet: bool = False) -> Iterator[tuple[str, str]]:
+    """Serve `model` (a local folder or hub id) and/or a profile on a free loopback port, without an
+    API key; yields (base URL, the model name clients send). The backend is `choose_backend`'s."""
+    backend = choose_backend(backend)
     port = free_port()
     env = dict(os.environ)
-    if backend == "auto":
-        backend = "vllm" if _has_gpu_vllm() else "transformers"
+    env.pop(API_KEY_ENV, None)  # loopback only: no key to leak or to mismatch
     if backend == "vllm":
-        cmd = vllm_command(model, port)
+        if model is None and profile is None:
+            raise ValueError("start_server: name a model or a profile")
+        served = served_model_name or (profile.hf_id if profile is not None else model)
+        cmd = vllm_command(profile, model=model, host=LOOPBACK, port=port, served_model_name=served,
+                           launcher=default_launcher())
     else:
-        if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("fastapi") is None:
+        model = model or (profile.hf_id if profile is not None else None)
+        if model is None:
+            raise ValueError("start_server: name a model or a profile")
+        if not transformers_available():
             raise ServerStartError("no local server available: install vLLM (GPU) or the `[serve]` extra "
                                    "(pip install 'vlm-hierarchy-harness[serve]' torch==2.13.0), or pass --endpoint")
         hub_cache = env.get("HF_HUB_CACHE") or str(Path.home() / ".cache" / "huggingface" / "hub")
@@ -252,11 +211,26 @@ def local_server(model: str, *, quiet: bool = False, backend: str = "auto", time
         env["HF_HUB_CACHE"] = hub_cache
         if Path(model).exists():
             env.setdefault("HF_HUB_OFFLINE", "1")
-        cmd = transformers_command(model, port)
+        served = model  # transformers serve loads whatever model a request names
+        cmd = transformers_command(model, port, host=LOOPBACK)
+    what = model or (profile.name if profile is not None else "?")
     if not quiet:
-        print(f"harness: starting {backend} server for {model} on {LOOPBACK}:{port} ...", file=sys.stderr)
+        where = f" (log {log_path})" if log_path else ""
+        print(f"harness: starting {backend} server for {what} on {LOOPBACK}:{port}{where} ...", file=sys.stderr)
     t0 = time.monotonic()
-    with managed_server(cmd, port, env=env, timeout=timeout, name=backend) as url:
+    with managed_server(cmd, port, env=env, timeout=timeout, log_path=log_path, name=f"{backend} ({what})") as url:
         if not quiet:
             print(f"harness: server ready in {time.monotonic() - t0:.0f} s", file=sys.stderr)
-        yield url, model
+        yield url, served
+
+
+@contextlib.contextmanager
+def local_server(model: str, *, quiet: bool = False, backend: str = "auto", timeout: float = 900.0) -> Iterator[tuple[str, str]]:
+    """A server for `harness run --model PATH_OR_HUB_ID`: with the model's `servers/` profile when it
+    has one (a broken profile is an error), served under the name given; yields (base URL, that name)."""
+    profile = find_profile(model)
+    # a profile found by its name or service is not a weights location: load its HF id then
+    weights = model if profile is None or Path(model).exists() else profile.hf_id
+    with start_server(weights, profile=profile, served_model_name=model, backend=backend,
+                      timeout=timeout, quiet=quiet) as got:
+        yield got

