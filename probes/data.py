@@ -2,8 +2,9 @@
 
 Image records are JSONL lines with `image`, `label`, `split` (the reference's CUB200_all.jsonl) and
 optionally `id` and `levelN` fields (the annotation format). Without `levelN` the labels come from a
-taxonomy: the label is matched to a leaf after lower-casing and mapping "-" / "_" to spaces (the
-reference's normalisation), so "Black footed Albatross" finds "Black-footed Albatross".
+taxonomy: the label is matched to a leaf by the harness's label normaliser
+(:func:`harness.data.imagelists.normalize_label`: lower case, "-" / "_" as spaces, as the reference
+did), so "Black footed Albatross" finds "Black-footed Albatross".
 Everything streams: memory does not grow with the file.
 """
 
@@ -17,9 +18,10 @@ from pathlib import Path
 
 import orjson
 
-from harness.data.items import ItemError, iter_jsonl, parse_root_map, remap
-from harness.paths import data_dir
+from harness.data.imagelists import normalize_label, read_image_rows
+from harness.data.items import ItemError, parse_root_map, remap
 from harness.data.taxonomy import Taxonomy, load_taxonomy
+from harness.paths import data_dir
 
 _LEVEL_KEY = re.compile(r"^level(\d+)$")
 
@@ -46,10 +48,6 @@ class ProbeItem:
         if self.line:
             r["line"] = self.line
         return r
-
-
-def normalize_label(label: str) -> str:
-    return label.lower().replace("-", " ").replace("_", " ")
 
 
 def leaf_index(tax: Taxonomy) -> dict[str, tuple[str, ...]]:
@@ -83,11 +81,7 @@ def read_image_items(
     idx = leaf_index(taxonomy) if taxonomy is not None else None
     dups = duplicate_ids(path)
     seen: dict[str, int] = {}  # only the (few) duplicated ids
-    for lineno, rec in iter_jsonl(path):
-        for key in ("image", "label", "split"):
-            v = rec.get(key)
-            if not isinstance(v, str) or not v:
-                raise ItemError(path, lineno, key, "missing field" if v is None else "must be a non-empty string")
+    for lineno, image, label, split, rec in read_image_rows(path, require_split=True):
         levels = sorted((int(m.group(1)), v) for k, v in rec.items() if (m := _LEVEL_KEY.match(k)))
         if levels:
             if [n for n, _ in levels] != list(range(1, len(levels) + 1)):
@@ -97,17 +91,17 @@ def read_image_items(
                     raise ItemError(path, lineno, f"level{n}", "must be a string or null")
             labels = tuple(v for _, v in levels)
         elif idx is not None:
-            found = idx.get(normalize_label(rec["label"]))
+            found = idx.get(normalize_label(label))
             if found is None:
                 if skip_unmatched:
                     continue
                 raise ItemError(path, lineno, "label",
-                                f"{rec['label']!r} is not a leaf of taxonomy {taxonomy.source.name} "
-                                f"(compared as {normalize_label(rec['label'])!r})")
+                                f"{label!r} is not a leaf of taxonomy {taxonomy.source.name} "
+                                f"(compared as {normalize_label(label)!r})")
             labels = found
         else:
             raise ItemError(path, lineno, "level1", "no levelN fields: pass a taxonomy to label the levels")
-        item_id = rec.get("id", rec["image"])
+        item_id = rec.get("id", image)
         if not isinstance(item_id, (str, int)):
             raise ItemError(path, lineno, "id", "must be a string or integer")
         item_id = str(item_id)
@@ -116,7 +110,7 @@ def read_image_items(
             seen[item_id] = k + 1
             if k:
                 item_id = f"{item_id}#{k + 1}"
-        yield ProbeItem(item_id, item_id, rec["split"], tuple(labels), image=remap(rec["image"], rm), line=lineno)
+        yield ProbeItem(item_id, item_id, split, tuple(labels), image=remap(image, rm), line=lineno)
 
 
 def _record_id(raw: bytes) -> str | None:

@@ -1,7 +1,8 @@
 """Classification image lists, class lists and ImageWikiQA, validated line by line.
 
 Image lists are the reference format (`image`, `label`, `split`; ImageNet adds `label_idx`, ...): one
-image a line, `label` exactly a name of the class list. Every error names file, line and field.
+image a line, `label` exactly a name of the class list, read by the shared image-list reader
+(:func:`harness.data.imagelists.read_image_rows`). Every error names file, line and field.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import orjson
 
+from harness.data.imagelists import read_image_rows
 from harness.data.items import ItemError, iter_jsonl, parse_root_map, remap
 
 _PKG = Path(__file__).resolve().parents[1]
@@ -116,20 +118,15 @@ def read_class_items(path: str | Path, classes: Iterable[str], *, split: str | N
     known = set(classes)
     out: list[ClassItem] = []
     splits: dict[str, int] = {}
-    for n, rec in iter_jsonl(path):
-        for key in ("image", "label"):
-            if not isinstance(rec.get(key), str) or not rec[key]:
-                raise ItemError(path, n, key, "missing field" if key not in rec else "must be a non-empty string")
-        sp = rec.get("split")
-        if sp is not None and not isinstance(sp, str):
-            raise ItemError(path, n, "split", "must be a string")
+    for row in read_image_rows(path):
+        sp = row.split
         splits[str(sp)] = splits.get(str(sp), 0) + 1
         if split not in (None, "all") and sp != split:
             continue
-        label = rec["label"].split(",")[0].strip() if first_synonym else rec["label"]
+        label = row.label.split(",")[0].strip() if first_synonym else row.label
         if label not in known:
-            raise ItemError(path, n, "label", f"{label!r} is not in the class list")
-        out.append(ClassItem(n, rec["image"], remap(rec["image"], rm), label, sp))
+            raise ItemError(path, row.line, "label", f"{label!r} is not in the class list")
+        out.append(ClassItem(row.line, row.image, remap(row.image, rm), label, sp))
     if not out:
         have = ", ".join(f"{k} ({v})" for k, v in splits.items()) or "none"
         raise ValueError(f"{path}: no records with split {split!r} (splits present: {have})")

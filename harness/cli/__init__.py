@@ -16,7 +16,7 @@ COMMANDS = [
     "harness.cli.run",
     "harness.cli.report",
     "harness.cli.data",
-    "harness.data.build",
+    "harness.cli.build",
     "harness.backends.batch",
     "harness.cli.serve",
     "harness.demo",

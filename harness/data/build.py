@@ -1,4 +1,4 @@
-"""`harness build`: benchmark items from a taxonomy and an image list.
+"""Benchmark items from a taxonomy and an image list (the library of `harness build`).
 
 An item is one image with one level per element of its leaf's taxonomy path (root first; CUB has no
 root, so its level 1 is the order), each level with the truth and distractors from a strategy in
@@ -9,17 +9,14 @@ root, so its level 1 is the order), each level with the truth and distractors fr
 Input adapters turn dataset layouts into :class:`ImageRef` streams (image path, leaf label, split):
 a generic JSONL/CSV list, CUB-200-2011, iNaturalist 2021 (val json), ImageNet-1K val folders, and
 Food-101. Leaf labels are matched to taxonomy keys case-insensitively with `-`/`_` read as spaces
-(see :class:`LabelMatcher`).
+(:class:`harness.data.imagelists.LabelMatcher`). The command line is :mod:`harness.cli.build`.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
 import os
 import re
-import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,21 +30,14 @@ from harness.data.distractors import (
     LevelQuery,
     check_distractors,
     depth_pools,
-    distractor_stats,
-    format_stats,
     make_strategy,
     rng_for,
 )
-from harness.data.items import MAX_CHOICES, ItemError, iter_jsonl, parse_record
-from harness.data.taxonomy import Taxonomy, infer_taxonomy, load_taxonomy
+from harness.data.imagelists import NUM_PREFIX, LabelMatcher, read_image_rows
+from harness.data.items import MAX_CHOICES, ItemError, parse_record
+from harness.data.taxonomy import Taxonomy, load_taxonomy
 
 FORMATS = ("jsonl", "csv", "cub", "inat", "imagenet", "food")
-
-#: Known misspellings in dataset class names: taxonomy id -> normalized label -> taxonomy key.
-LABEL_ALIASES: dict[str, dict[str, str]] = {
-    "cub": {"artic tern": "Arctic Tern"},  # CUB folder 141.Artic_Tern
-}
-
 
 class BuildError(ValueError):
     """A build input problem; the message starts with the file (and line) it comes from."""
@@ -86,69 +76,6 @@ class BuildReport:
                 f"skipped {skipped:,} images{why}")
 
 
-# --- label matching -------------------------------------------------------------------------------
-
-_WS = re.compile(r"\s+")
-_NUM_PREFIX = re.compile(r"^\d+\.")  # CUB class folders: "001.Black_footed_Albatross"
-_APOS = re.compile(r"['\u2019`]")
-
-
-def normalize_label(s: str) -> str:
-    """Lower-case, `-`/`_` read as spaces, whitespace collapsed."""
-    return _WS.sub(" ", s.lower().replace("-", " ").replace("_", " ")).strip()
-
-
-def _loose_variants(norm: str) -> set[str]:
-    """Apostrophe-tolerant forms: CUB folders drop "'s" ("Brewer_Sparrow" for "Brewer's Sparrow") or
-    just the apostrophe ("Forsters_Tern" for "Forster's Tern")."""
-    return {_APOS.sub("", norm), _APOS.sub("", re.sub(r"['\u2019`]s\b", "", norm))}
-
-
-class LabelMatcher:
-    """Maps a dataset's leaf label to a taxonomy key: exact, then normalized (:func:`normalize_label`),
-    then with a numeric class prefix removed, then apostrophe-tolerant, then known aliases. Ambiguous
-    normalized forms match nothing."""
-
-    def __init__(self, taxonomy: Taxonomy, aliases: dict[str, str] | None = None):
-        self.taxonomy = taxonomy
-        if aliases is None:
-            aliases = LABEL_ALIASES.get(taxonomy.info.id, {}) if taxonomy.info else {}
-        self._exact = {k: k for k in taxonomy.paths}
-        self._norm: dict[str, str | None] = {}
-        self._loose: dict[str, str | None] = {}
-        for key, path in taxonomy.paths.items():
-            for spelling in {key, path[-1]}:
-                n = normalize_label(spelling)
-                self._add(self._norm, n, key)
-                for v in _loose_variants(n):
-                    self._add(self._loose, v, key)
-        self._aliases = {normalize_label(a): k for a, k in aliases.items() if k in taxonomy.paths}
-        self._cache: dict[str, str | None] = {}
-
-    @staticmethod
-    def _add(table: dict[str, str | None], form: str, key: str) -> None:
-        if table.get(form, key) != key:
-            table[form] = None  # two keys share the form: ambiguous
-        else:
-            table[form] = key
-
-    def match(self, label: str) -> str | None:
-        if label in self._cache:
-            return self._cache[label]
-        key = self._exact.get(label)
-        if key is None:
-            n = normalize_label(label)
-            for form in (n, normalize_label(_NUM_PREFIX.sub("", label.strip()))):
-                key = self._norm.get(form) or self._aliases.get(form)
-                if key is None:
-                    hits = {self._loose.get(v) for v in _loose_variants(form)} - {None}
-                    key = hits.pop() if len(hits) == 1 else None
-                if key is not None:
-                    break
-        self._cache[label] = key
-        return key
-
-
 # --- input adapters -------------------------------------------------------------------------------
 
 
@@ -159,37 +86,17 @@ def _want_split(split: str | None) -> str | None:
 def read_image_list(path: str | Path, split: str | None = None,
                     report: BuildReport | None = None) -> Iterator[ImageRef]:
     """A JSONL (`image`, `label`[, `split`] per line; reference annotation files work as is) or CSV
-    (header with `image,label`[,`split`]) list. `split` keeps only rows of that split (rows without a
-    split are kept); None or "all" keeps every row."""
-    path = Path(path)
+    (header with `image,label`[,`split`]) list, read by :func:`harness.data.imagelists.read_image_rows`;
+    image and label are stripped. `split` keeps only rows of that split (rows without a split are
+    kept); None or "all" keeps every row."""
     want = _want_split(split)
-
-    def row(rec: object, lineno: int) -> ImageRef | None:
-        if not isinstance(rec, dict):
-            raise ItemError(path, lineno, None, f"expected an object with image and label, got {type(rec).__name__}")
-        for k in ("image", "label"):
-            if not isinstance(rec.get(k), str) or not rec[k].strip():
-                raise ItemError(path, lineno, k, "missing or empty")
-        s = rec.get("split") or None
+    for row in read_image_rows(path):
+        s = row.split or None
         if want and s and s != want:
             if report:
                 report.skip(f"split {s}")
-            return None
-        return ImageRef(rec["image"].strip(), rec["label"].strip(), s, f"{path}:{lineno}")
-
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            missing = {"image", "label"} - set(reader.fieldnames or ())
-            if missing:
-                raise ItemError(path, 1, min(missing), f"CSV header must name image,label; got {reader.fieldnames}")
-            for rec in reader:
-                if (r := row(rec, reader.line_num)) is not None:
-                    yield r
-        return
-    for lineno, rec in iter_jsonl(path, objects=False):
-        if (r := row(rec, lineno)) is not None:
-            yield r
+            continue
+        yield ImageRef(row.image.strip(), row.label.strip(), s, f"{path}:{row.line}")
 
 
 def _cub_root(root: Path) -> Path:
@@ -222,7 +129,7 @@ def read_cub(root: str | Path, split: str | None = "test",
     want = _want_split(split)
     if want not in (None, "test", "train"):
         raise ValueError(f"CUB split must be test, train or all, not {split!r}")
-    classes = {cid: (_NUM_PREFIX.sub("", name), f"{root / 'classes.txt'}:{ln}")
+    classes = {cid: (NUM_PREFIX.sub("", name), f"{root / 'classes.txt'}:{ln}")
                for ln, cid, name in _id_lines(root / "classes.txt")}
     labels = {iid: cid for _, iid, cid in _id_lines(root / "image_class_labels.txt")}
     is_train: dict[str, str] = {}
@@ -582,130 +489,3 @@ def image_refs(fmt: str, path: str | Path, taxonomy: Taxonomy, *, split: str | N
     if fmt == "food":
         return read_food(path, split, matcher, report)
     raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
-
-
-# --- CLI ------------------------------------------------------------------------------------------
-
-
-def _cmd_build(args: argparse.Namespace) -> int:
-    tax = load_taxonomy(args.taxonomy)
-    fmt = args.format or detect_format(args.images)
-    report = BuildReport()
-    matcher = LabelMatcher(tax)
-    refs = image_refs(fmt, args.images, tax, split=args.split, imagenet_classes=args.imagenet_classes,
-                      imagenet_wnids=args.imagenet_wnids, matcher=matcher, report=report)
-    opts: dict[str, object] = {}
-    for o in args.choices_option:
-        k, sep, v = o.partition("=")
-        if not sep or not k:
-            raise ValueError(f"--choices-option expects KEY=VALUE, got {o!r}")
-        opts[k] = v
-    strategy = make_strategy(args.choices, tax, **opts) if opts else args.choices
-    records = build_items(tax, refs, strategy, args.n_choices, args.seed, lowercase=args.lowercase,
-                          on_unmatched="error" if args.strict else "skip", limit=args.limit,
-                          split=args.split if args.split not in (None, "all") else "test",
-                          report=report, matcher=matcher)
-    first = next(records, None)
-    if first is None:
-        for m in report.messages:
-            print(f"harness build: skipped: {m}", file=sys.stderr)
-        print(f"harness build: no items built from {args.images} ({report.summary()}); {args.out} not written",
-              file=sys.stderr)
-        return 1
-    write_jsonl_atomic(_chain(first, records), args.out)
-    for m in report.messages[:10]:
-        print(f"harness build: skipped: {m}", file=sys.stderr)
-    if len(report.messages) > 10:
-        print(f"harness build: ... {sum(report.skipped.values()) - 10:,} more skipped", file=sys.stderr)
-    print(f"{args.out}: {report.summary()} [taxonomy {args.taxonomy}, format {fmt}, choices {args.choices}, "
-          f"seed {args.seed}]")
-    return 0
-
-
-def _chain(first: dict, rest: Iterator[dict]) -> Iterator[dict]:
-    yield first
-    yield from rest
-
-
-def _cmd_distractor_stats(args: argparse.Namespace) -> int:
-    tax_id = args.taxonomy
-    if tax_id is None:
-        from harness.data.items import read_items
-
-        head = []
-        for item in read_items(args.file, strict=False):
-            head.append(item)
-            if len(head) >= 500:
-                break
-        tax_id = next((i.taxonomy for i in head if i.taxonomy), None) or infer_taxonomy(
-            [i.label for i in head], [i.levels[0].truth or "" for i in head])
-        if tax_id is None:
-            raise BuildError(f"{args.file}: cannot tell the taxonomy; pass --taxonomy")
-    stats = distractor_stats(args.file, tax_id, strict=not args.lenient)
-    if args.json:
-        sys.stdout.write(orjson.dumps({"file": str(args.file), "taxonomy": str(tax_id),
-                                       "levels": [s.as_dict() for s in stats.values()]},
-                                      option=orjson.OPT_INDENT_2).decode() + "\n")
-    else:
-        print(f"{args.file} (taxonomy {tax_id}): share of distractors sharing the truth's parent")
-        print(format_stats(stats))
-    return 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    b = subparsers.add_parser(
-        "build", help="build 4-choice items from a taxonomy and an image list",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Build items (reference annotation format, one image a line, one level per taxonomy "
-                    "path element) from a taxonomy and an image list or dataset folder.",
-        epilog="input formats (--format, guessed from --images when left out):\n"
-               "  jsonl     lines with image, label[, split]\n"
-               "  csv       header image,label[,split]\n"
-               "  cub       CUB_200_2011 folder (images.txt, image_class_labels.txt, classes.txt,\n"
-               "            train_test_split.txt); --split test|train|all\n"
-               "  inat      iNaturalist 2021 val/train json; the taxonomy's kingdom is kept\n"
-               "  imagenet  val folder of wnid subfolders + --imagenet-classes (LOC_synset_mapping.txt,\n"
-               "            a JSON wnid->name object, or names in index order with --imagenet-wnids or\n"
-               "            the sorted folder wnids); classes outside the taxonomy are skipped\n"
-               "  food      food-101 folder (meta/<split>.txt, images/); classes outside the taxonomy\n"
-               "            are skipped\n"
-               "Labels match taxonomy keys case-insensitively with '-'/'_' as spaces. Unmatched labels\n"
-               "are skipped and reported (--strict: stop at the first, naming file and line).\n"
-               "See also: harness distractor-stats ITEMS.jsonl --taxonomy cub")
-    b.add_argument("--taxonomy", required=True, help="taxonomy id (cub, inat_animal, inat_plant, "
-                   "imagenet_animal, imagenet_artifact, food) or a taxonomy JSON file")
-    b.add_argument("--images", required=True, metavar="LIST_OR_ROOT", help="image list file or dataset folder/json")
-    b.add_argument("--format", choices=FORMATS, default=None, help="input format (default: guessed)")
-    b.add_argument("--out", required=True, metavar="ITEMS.jsonl", help="output (written atomically)")
-    b.add_argument("--choices", default="random", metavar="STRATEGY",
-                   help="distractor strategy: random, siblings (same parent first), similar (CLIP/SigLIP "
-                        "image-text similarity; needs the [clip] extra) (default random)")
-    b.add_argument("--choices-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="strategy option, e.g. model=hf:google/siglip-so400m-patch14-384, device=cuda, "
-                        "batch_size=64 (repeatable)")
-    b.add_argument("--n-choices", type=int, default=4, help="options per level, truth included (default 4)")
-    b.add_argument("--seed", type=int, default=0, help="seed of the per-question RNG (default 0)")
-    b.add_argument("--split", default="test",
-                   help="split to take (cub: test|train|all; food: test|train; lists: rows of this split) "
-                        "and the split value written (default test)")
-    b.add_argument("--imagenet-classes", metavar="FILE", help="wnid -> class name mapping (imagenet format)")
-    b.add_argument("--imagenet-wnids", metavar="FILE",
-                   help="sorted wnid list for index-ordered class names (default: the wnid folders)")
-    b.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=None,
-                   help="lower-case levels and choices (default: on for cub, as the released files; off otherwise)")
-    b.add_argument("--limit", type=int, default=None, metavar="N", help="stop after N items")
-    b.add_argument("--strict", action="store_true",
-                   help="stop at the first label that matches no taxonomy leaf (default: skip and report)")
-    b.set_defaults(func=_cmd_build)
-
-    s = subparsers.add_parser(
-        "distractor-stats", help="per level, the share of distractors sharing the truth's parent",
-        description="Measure distractor hardness: per level (from level 2), the share of distractors whose "
-                    "parent in the taxonomy is the truth's parent (sibling share). Shipped CUB files: random "
-                    "0.9% at species; similar 26.6% at species, 23.2% at genus.")
-    s.add_argument("file", metavar="ITEMS.jsonl")
-    s.add_argument("--taxonomy", default=None,
-                   help="taxonomy id or file (default: the items' taxonomy field, else guessed from labels)")
-    s.add_argument("--json", action="store_true", help="print one JSON object")
-    s.add_argument("--lenient", action="store_true", help="skip invalid lines instead of stopping")
-    s.set_defaults(func=_cmd_distractor_stats)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
+from harness.data.imagelists import normalize_label
 from harness.data.items import ItemError
 from harness.data.taxonomy import load_taxonomy
-from probes.data import level_names, normalize_label, read_image_items, shipped_probing_file, text_items
+from probes.data import level_names, read_image_items, shipped_probing_file, text_items
 from probes.imaging import SizeRule, smart_resize
 from probes.recipes import load_recipe, recipes
 

@@ -1,4 +1,4 @@
-"""Item builder, input adapters and the `harness build` / `harness distractor-stats` commands."""
+"""Item builder and input adapters (the commands: tests/harness/cli/test_build.py)."""
 
 from __future__ import annotations
 
@@ -13,19 +13,17 @@ from harness.data.build import (
     BuildError,
     BuildReport,
     ImageRef,
-    LabelMatcher,
     build_items,
     detect_format,
     load_imagenet_classes,
-    normalize_label,
     read_cub,
     read_food,
     read_image_list,
     read_imagenet,
     read_inat,
 )
-from harness.cli import main
-from harness.data.items import ItemError, parse_record, read_items
+from harness.data.imagelists import LabelMatcher
+from harness.data.items import ItemError, parse_record
 from harness.data.taxonomy import load_taxonomy
 
 REPO = Path(__file__).resolve().parents[3]
@@ -45,38 +43,6 @@ def cub():
 
 def _levels(rec: dict) -> list[str]:
     return [rec[f"level{i}"] for i in range(1, 1 + sum(k.startswith("level") for k in rec))]
-
-
-# --- label matching -------------------------------------------------------------------------------
-
-
-def test_normalize_label():
-    assert normalize_label("  Black_footed-Albatross ") == "black footed albatross"
-
-
-def test_matcher_accepts_dataset_spellings(cub):
-    m = LabelMatcher(cub)
-    for s in ["Black-footed Albatross", "Black footed Albatross", "001.Black_footed_Albatross",
-              "BLACK-FOOTED albatross", "black_footed_albatross"]:
-        assert m.match(s) == "Black-footed Albatross", s
-    assert m.match("126.Nelson_Sharp_tailed_Sparrow") == "Nelson's Sharp-tailed Sparrow"
-    assert m.match("Forsters Tern") == "Forster's Tern"
-    assert m.match("Brewer Sparrow") == "Brewer's Sparrow"
-    assert m.match("141.Artic_Tern") == "Arctic Tern"  # CUB's misspelt folder
-    assert m.match("Blue Whale") is None
-    food = LabelMatcher(load_taxonomy("food"))
-    assert food.match("apple_pie") == "apple pie" and food.match("cup_cakes") == "cup cakes"
-    assert food.match("breakfast_burrito") is None
-
-
-def test_matcher_covers_all_200_cub_class_folders(cub, cub_ref):
-    """Every CUB folder name (taken from the shipped annotation paths) maps to the record's label."""
-    m = LabelMatcher(cub)
-    folders = {r["image"].split("/")[-2]: r["label"] for r in cub_ref}
-    assert len(folders) == 200
-    for folder, label in folders.items():
-        key = m.match(folder)
-        assert key is not None and key.lower() == label.lower(), folder
 
 
 # --- the builder ----------------------------------------------------------------------------------
@@ -335,41 +301,3 @@ def test_detect_format(tmp_path, cub_ref):
     _fake_imagenet(tmp_path / "i")
     assert detect_format(tmp_path / "i") == "imagenet"
     assert detect_format(_inat_json(tmp_path / "val.json")) == "inat"
-
-
-# --- CLI ------------------------------------------------------------------------------------------
-
-
-def test_cli_build_and_stats(tmp_path, capsys):
-    out = tmp_path / "sub" / "items.jsonl"
-    rc = main(["build", "--taxonomy", "cub", "--images", str(CUB_RANDOM), "--out", str(out),
-               "--choices", "siblings", "--limit", "50"])
-    assert rc == 0
-    text = capsys.readouterr().out
-    assert "50 items, 200 questions" in text and "skipped 0" in text
-    items = list(read_items(out))
-    assert len(items) == 50 and items[0].taxonomy == "cub"
-    assert [p.name for p in out.parent.iterdir()] == ["items.jsonl"]  # no temp file left
-    rc = main(["distractor-stats", str(out), "--json"])
-    assert rc == 0
-    stats = json.loads(capsys.readouterr().out)
-    assert stats["taxonomy"] == "cub" and [lv["level"] for lv in stats["levels"]] == [2, 3, 4]
-    assert all(lv["distractors"] == 150 for lv in stats["levels"])
-    rc = main(["distractor-stats", str(CUB_RANDOM), "--taxonomy", "cub"])
-    assert rc == 0 and "0.9%" in capsys.readouterr().out
-
-
-def test_cli_unmatched_strict_and_default(tmp_path, capsys):
-    lst = tmp_path / "l.csv"
-    lst.write_text("image,label\n/a.jpg,Laysan Albatross\n/b.jpg,Dodo\n")
-    out = tmp_path / "o.jsonl"
-    assert main(["build", "--taxonomy", "cub", "--images", str(lst), "--out", str(out), "--strict"]) == 2
-    assert f"{lst}:3: label 'Dodo'" in capsys.readouterr().err and not out.exists()
-    assert main(["build", "--taxonomy", "cub", "--images", str(lst), "--out", str(out), "--no-lowercase"]) == 0
-    cap = capsys.readouterr()
-    assert "unmatched label: 1" in cap.out and f"{lst}:3" in cap.err
-    [rec] = map(orjson.loads, out.read_bytes().splitlines())
-    assert rec["level4"] == "Laysan Albatross"  # --no-lowercase keeps the taxonomy's case
-    lst.write_text("image,label\n/b.jpg,Dodo\n")
-    assert main(["build", "--taxonomy", "cub", "--images", str(lst), "--out", str(tmp_path / "x.jsonl")]) == 1
-    assert not (tmp_path / "x.jsonl").exists()
