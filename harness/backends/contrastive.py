@@ -27,11 +27,12 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from harness.cli.clip import DEFAULT_OPEN_CLIP, DEFAULT_SIGLIP  # noqa: F401  (the study defaults, re-exported)
-
-#: Text templates: the hierarchy reference (open_clip and SigLIP) and the classification paper's CLIP.
-TEMPLATE_HIERARCHY = "a photo of a {}."
-TEMPLATE_CLASSIFICATION = "A photo of a {cls}"
+from harness.backends.clip_defaults import (  # noqa: F401  (the study defaults, re-exported)
+    DEFAULT_OPEN_CLIP,
+    DEFAULT_SIGLIP,
+    TEMPLATE_CLASSIFICATION,
+    TEMPLATE_HIERARCHY,
+)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

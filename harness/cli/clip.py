@@ -1,8 +1,8 @@
-"""CLI of the contrastive baselines (`harness clip-run`, `harness clip-mine`) and the "similar"
-distractor strategy of `harness build --choices similar`.
+"""CLI of the contrastive baselines: `harness clip-run` (score items with CLIP/SigLIP) and
+`harness clip-mine` (re-mine an items file's distractors by image-text similarity).
 
 Importing this module is cheap (no torch): the torch modules (:mod:`harness.backends.contrastive`,
-:mod:`harness.backends.clip`, :mod:`harness.data.similar`) load when a command runs.
+:mod:`harness.backends.clip`, :mod:`harness.backends.clip_mining`) load when a command runs.
 """
 
 from __future__ import annotations
@@ -10,24 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from harness.data.distractors import register_strategy
-
-DEFAULT_OPEN_CLIP = "open_clip:ViT-L-14/laion2b_s32b_b82k"
-DEFAULT_SIGLIP = "hf:google/siglip-so400m-patch14-384"
-TEMPLATE = "a photo of a {}."
+from harness.backends.clip_defaults import DEFAULT_OPEN_CLIP, DEFAULT_SIGLIP
+from harness.backends.clip_defaults import TEMPLATE_HIERARCHY as TEMPLATE
 
 _MODEL_HELP = ("open_clip:ARCH/PRETRAINED (tag, checkpoint file, or `random`), open_clip:hf-hub:ORG/REPO, "
                "open_clip:local-dir:PATH, hf:HUB_ID_OR_PATH (transformers CLIP/SigLIP), or a local model folder")
-
-
-def similar_strategy(taxonomy, **options):
-    """Factory of the "similar" strategy (options: see harness.data.similar.SimilarDistractors)."""
-    from harness.data.similar import SimilarDistractors
-
-    return SimilarDistractors(taxonomy, **options)
-
-
-register_strategy("similar", similar_strategy)
 
 
 def _workers(v: int | None) -> int:
@@ -53,9 +40,10 @@ def _taxonomy_of(path: str, given: str | None) -> str:
 
 
 def _cmd_mine(args) -> int:
+    from harness.backends.clip_mining import SimilarDistractors
     from harness.data.build import write_jsonl_atomic
-    from harness.data.similar import MineReport, SimilarDistractors, mine_items, overlap_stats
     from harness.data.distractors import distractor_stats, format_stats
+    from harness.data.similar import MineReport, mine_items, overlap_stats
     from harness.data.taxonomy import load_taxonomy
 
     if not 2 <= args.n_choices <= 26:

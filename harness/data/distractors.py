@@ -9,8 +9,9 @@ the same records however they are batched or ordered.
 Image-dependent strategies (similar-choice mining by CLIP/SigLIP image-text similarity) plug in
 through the optional ``prepare(queries)`` hook: the builder calls it with a batch of queries (all
 levels of a few hundred images) before asking ``choose`` for any of them, so a strategy can embed the
-batch's images once and cache its rankings. Register a factory in :data:`STRATEGIES` (or with
-:func:`register_strategy`): ``factory(taxonomy, **options) -> DistractorStrategy``.
+batch's images once and cache its rankings. :data:`STRATEGIES` names every strategy (random,
+siblings, similar) and where its factory lives, ``factory(taxonomy, **options) -> DistractorStrategy``;
+:func:`make_strategy` imports it when asked. A caller may also pass a strategy object to the builder.
 
 :func:`distractor_stats` measures how hard a file's distractors are: per level, the share of
 distractors that share the truth's parent (the sibling share).
@@ -19,6 +20,7 @@ distractors that share the truth's parent (the sibling share).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import random
 from collections import defaultdict
 from collections.abc import Callable, Collection, Sequence
@@ -137,25 +139,30 @@ class SiblingDistractors:
 
 StrategyFactory = Callable[..., DistractorStrategy]
 
-#: name -> factory(taxonomy, **options). Later modules add theirs (e.g. "similar").
-STRATEGIES: dict[str, StrategyFactory] = {
-    "random": RandomDistractors,
-    "siblings": SiblingDistractors,
+#: Every distractor strategy by name, as "module:factory" with factory(taxonomy, **options). This table
+#: is the one plugin point: a strategy is added by adding its line here. Entries are imported only
+#: when asked for, so a strategy may live above the data layer (the CLIP/SigLIP "similar" mining
+#: needs torch and a model) without the data package importing it.
+STRATEGIES: dict[str, str] = {
+    "random": "harness.data.distractors:RandomDistractors",
+    "siblings": "harness.data.distractors:SiblingDistractors",
+    "similar": "harness.backends.clip_mining:SimilarDistractors",
 }
 
 
-def register_strategy(name: str, factory: StrategyFactory) -> None:
-    STRATEGIES[name] = factory
+def strategy_factory(name: str) -> StrategyFactory:
+    """The factory registered as `name` in :data:`STRATEGIES` (imported on first use)."""
+    try:
+        target = STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown distractor strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}") from None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def make_strategy(name: str, taxonomy: Taxonomy, **options: object) -> DistractorStrategy:
-    if name == "similar" and name not in STRATEGIES:
-        import harness.cli.clip  # noqa: F401  (registers the CLIP/SigLIP mining strategy)
-    try:
-        factory = STRATEGIES[name]
-    except KeyError:
-        raise ValueError(f"unknown distractor strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}") from None
-    return factory(taxonomy, **options)
+    """A strategy by name (see :data:`STRATEGIES`) for `taxonomy`; options go to its factory."""
+    return strategy_factory(name)(taxonomy, **options)
 
 
 def check_distractors(query: LevelQuery, chosen: Sequence[str], pool_lower: Collection[str], k: int,

@@ -20,7 +20,6 @@ from harness.data.distractors import (
     depth_pools,
     distractor_stats,
     make_strategy,
-    register_strategy,
     rng_for,
     sample_excluding,
 )
@@ -134,41 +133,39 @@ def test_check_distractors_rejects_contract_breaks(cub):
             check_distractors(q, bad, low, 3, "x")
 
 
-def test_registry_and_an_image_dependent_strategy_with_batching(cub, tmp_path):
+class ByImage:
+    """Image-dependent: 'prepare' sees batches; picks depend on the image name only."""
+
+    name = "by-image"
+
+    def __init__(self, taxonomy, **options):
+        self.batches: list[int] = []
+        self.seen: set[str] = set()
+
+    def prepare(self, queries):
+        self.batches.append(len(queries))
+        self.seen.update(q.image for q in queries)
+
+    def choose(self, query, pool, k, rng):
+        assert query.image in self.seen  # prepare ran first
+        start = sum(map(ord, query.image)) % len(pool)
+        rot = list(pool[start:]) + list(pool[:start])
+        return [x for x in rot if x.lower() != query.truth.lower()][:k]
+
+
+def test_registry_and_an_image_dependent_strategy_with_batching(cub, monkeypatch):
     assert {"random", "siblings"} <= set(STRATEGIES)
     assert isinstance(make_strategy("random", cub), DistractorStrategy)
     with pytest.raises(ValueError, match="unknown distractor strategy"):
         make_strategy("nope", cub)
 
-    class ByImage:
-        """Image-dependent: 'prepare' sees batches; picks depend on the image name only."""
-
-        name = "by-image"
-
-        def __init__(self, taxonomy, **options):
-            self.batches: list[int] = []
-            self.seen: set[str] = set()
-
-        def prepare(self, queries):
-            self.batches.append(len(queries))
-            self.seen.update(q.image for q in queries)
-
-        def choose(self, query, pool, k, rng):
-            assert query.image in self.seen  # prepare ran first
-            start = sum(map(ord, query.image)) % len(pool)
-            rot = list(pool[start:]) + list(pool[:start])
-            return [x for x in rot if x.lower() != query.truth.lower()][:k]
-
-    register_strategy("by-image", ByImage)
-    try:
-        images = [(f"/d/{i}.jpg", leaf) for i, leaf in enumerate(list(cub.paths)[:10])]
-        strat = make_strategy("by-image", cub)
-        recs = list(build_items(cub, images, strat, batch_size=4))
-        assert strat.batches == [16, 16, 8]  # 4 levels x (4, 4, 2) images
-        again = list(build_items(cub, reversed(images), "by-image", batch_size=3))
-        assert sorted(recs, key=lambda r: r["image"]) == sorted(again, key=lambda r: r["image"])
-    finally:
-        STRATEGIES.pop("by-image")
+    monkeypatch.setitem(STRATEGIES, "by-image", f"{__name__}:ByImage")
+    images = [(f"/d/{i}.jpg", leaf) for i, leaf in enumerate(list(cub.paths)[:10])]
+    strat = make_strategy("by-image", cub)
+    recs = list(build_items(cub, images, strat, batch_size=4))
+    assert strat.batches == [16, 16, 8]  # 4 levels x (4, 4, 2) images
+    again = list(build_items(cub, reversed(images), "by-image", batch_size=3))
+    assert sorted(recs, key=lambda r: r["image"]) == sorted(again, key=lambda r: r["image"])
 
 
 def test_distractor_stats_reproduce_the_protocol_numbers():

@@ -15,15 +15,15 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tests.support.clip import CUB_RANDOM, CUB_SIMILAR, cub_images, one_thread
-
-from harness.data.build import ImageRef, build_items
+from harness.backends.clip_mining import SimilarDistractors
 from harness.backends.contrastive import EncoderCounts, load_model, load_pixels
-from harness.data.similar import SimilarDistractors, overlap_stats
-from tests.support.tiny_contrastive import build_tiny_hf
+from harness.data.build import ImageRef, build_items
 from harness.data.distractors import LevelQuery, depth_pools, make_strategy
 from harness.data.items import read_items
+from harness.data.similar import overlap_stats
 from harness.data.taxonomy import load_taxonomy
+from tests.support.clip import CUB_RANDOM, CUB_SIMILAR, cub_images, one_thread
+from tests.support.tiny_contrastive import build_tiny_hf
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -162,8 +162,6 @@ def _brute_force(model, image_path: str, names, template="a photo of a {}."):
 
 
 def test_registry_strategy_with_siglip_matches_brute_force(siglip, tmp_path):
-    import harness.cli.clip  # noqa: F401  (registers "similar")
-
     cub = load_taxonomy("cub")
     root_map = cub_images(tmp_path, 4)
     items = list(islice(read_items(CUB_SIMILAR, root_map=[root_map]), 4))
