@@ -128,7 +128,7 @@ def parse_record(rec: object, file: str | Path, line: int, root_map: list[tuple[
         if not isinstance(c, list) or not all(isinstance(x, str) for x in c):
             raise ItemError(file, line, fname, "must be a list of strings")
         cs = tuple(c)
-        if len(set(x.lower() for x in cs)) != len(cs):
+        if len({x.lower() for x in cs}) != len(cs):
             dup = next(x for x in cs if sum(y.lower() == x.lower() for y in cs) > 1)
             raise ItemError(file, line, fname, f"duplicate choice {dup!r}")
         if len(cs) > MAX_CHOICES:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 from harness.paths import data_dir
@@ -83,7 +84,7 @@ class Taxonomy:
         """Node -> set of parents seen across all paths (a consistent tree has one each)."""
         par: dict[str, set[str]] = defaultdict(set)
         for path in self.paths.values():
-            for a, b in zip(path, path[1:]):
+            for a, b in pairwise(path):
                 if a != b:  # CUB genus == species ("Geococcyx"): same name, not a second parent
                     par[b].add(a)
         return par
@@ -132,7 +133,7 @@ def load_taxonomy(id_or_path: str | Path) -> Taxonomy:
         paths[leaf] = tuple(p)
     tax = Taxonomy(info, path, paths, warnings)
     for leaf, p in paths.items():
-        for a, b in zip(p, p[1:]):
+        for a, b in pairwise(p):
             if a == b:
                 warnings.append(f"leaf {leaf!r}: {a!r} repeats at two consecutive levels")
     for node, ps in sorted(tax.parents().items()):

@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from harness.data.stats import stats
 from harness.data.items import ItemError, ReadReport, parse_root_map, read_items, remap
+from harness.data.stats import stats
 
 AUTHORS_PREFIX = "/projectnb/ivc-ml/yuwentan/dataset"
 
