@@ -22,7 +22,8 @@ COMMANDS = [
     "harness.demo",
     "harness.cli.clip",
     "harness.cli.classify",
-    "harness.study.plans",
+    "harness.cli.plan",
+    "harness.cli.analyze",
     "probes.cli",
     "finetune.cli",
 ]

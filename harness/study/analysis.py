@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from harness.metrics.hierarchy import Summary
 from harness.metrics.report import summarize_path
+from harness.study.records import Correlation, Delta, Point, RunInfo, Spread, asked_levels, level_name
 
 __all__ = [
     "Correlation",
@@ -36,10 +36,10 @@ __all__ = [
     "RunInfo",
     "Spread",
     "analyze",
-    "analyze_cli",
     "correlate",
     "find_runs",
     "finetune_deltas",
+    "fmt",
     "leaf_gap",
     "load_run",
     "load_runs",
@@ -51,39 +51,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 # Runs
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """One finished (or partial) run and what it measured."""
-
-    label: str
-    path: Path
-    model: str
-    """Plan model name when the run is a plan cell, else the served model name, else the label."""
-    names: frozenset[str]
-    """Every name the model goes by (plan name, served name, profile): what --pair-text/--compare match."""
-    taxonomy: str | None
-    mode: str | None
-    variant: str | None
-    profile_variant: str | None
-    answer: str | None
-    protocol: str | None
-    data: str | None
-    """File name of the items file (same name = same benchmark and choice type)."""
-    summary: Summary = field(compare=False, repr=False)
-
-    @property
-    def hca(self) -> float:
-        return self.summary.hca
-
-    @property
-    def leaf(self) -> float:
-        return self.summary.leaf_acc
-
-    @property
-    def is_profile_variant(self) -> bool:
-        return self.profile_variant is not None and self.variant == self.profile_variant
 
 
 def find_runs(paths: Sequence[str | Path]) -> list[tuple[Path, str]]:
@@ -186,7 +153,7 @@ def table_rows(runs: Sequence[RunInfo]) -> list[dict]:
     return rows
 
 
-def _fmt(v) -> str:
+def fmt(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -214,7 +181,7 @@ def _all_columns(rows: Sequence[dict]) -> list[str]:
 
 def to_markdown(rows: Sequence[dict], columns: Sequence[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -228,28 +195,13 @@ def render_table(rows: Sequence[dict], columns: Sequence[str], title: str, conso
         t.add_column(c, justify="left" if c in ("run", "model", "taxonomy", "mode", "text_model", "data") else "right",
                      overflow="fold")
     for row in rows:
-        t.add_row(*[_fmt(row.get(c)) for c in columns])
+        t.add_row(*[fmt(row.get(c)) for c in columns])
     console.print(t)
 
 
 # --------------------------------------------------------------------------------------------------
 # Text vs visual HCA
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Point:
-    """One model on one benchmark: visual HCA of the VLM, text HCA of its LLM (part)."""
-
-    model: str
-    text_model: str
-    taxonomy: str | None
-    data: str | None
-    visual_hca: float
-    text_hca: float
-    visual_leaf: float
-    n_visual_runs: int
-    n_text_runs: int
 
 
 def text_visual_points(runs: Sequence[RunInfo], pair_text: dict[str, str] | None = None) -> list[Point]:
@@ -278,21 +230,6 @@ def text_visual_points(runs: Sequence[RunInfo], pair_text: dict[str, str] | None
                             visual_hca=_mean(r.hca for r in vs), text_hca=_mean(r.hca for r in ts),
                             visual_leaf=_mean(r.leaf for r in vs), n_visual_runs=len(vs), n_text_runs=len(ts)))
     return sorted(points, key=lambda p: (p.taxonomy or "", p.model))
-
-
-@dataclass(frozen=True)
-class Correlation:
-    scope: str
-    n: int
-    n_models: int
-    pearson: float
-    pearson_p: float
-    pearson_ci: tuple[float, float]
-    spearman: float
-    spearman_p: float
-    spearman_ci: tuple[float, float]
-    slope: float
-    intercept: float
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -373,40 +310,10 @@ def leaf_gap(runs: Sequence[RunInfo]) -> list[dict]:
             for r in runs if r.mode != "text"]
 
 
-def level_name(taxonomy: str | None, level: str) -> str:
-    from harness.data.taxonomy import TAXONOMIES
-
-    info = TAXONOMIES.get(taxonomy or "")
-    return info.level_name(int(level) - 1) if info else f"L{level}"
-
-
-def asked_levels(r: RunInfo) -> list[tuple[str, float]]:
-    """(level, accuracy) coarse to fine; a text run's leaf is filled in, not asked, so it is left out."""
-    lv = sorted(r.summary.per_level.items(), key=lambda kv: int(kv[0]))
-    return lv[:-1] if r.mode == "text" else lv
-
-
 def per_level_rows(runs: Sequence[RunInfo]) -> list[dict]:
     return [{"run": r.label, "model": r.model, "taxonomy": r.taxonomy, "mode": r.mode, "level": int(lv),
              "level_name": level_name(r.taxonomy, lv), "accuracy": acc, "n": r.summary.per_level_n.get(lv, 0)}
             for r in runs for lv, acc in asked_levels(r)]
-
-
-@dataclass(frozen=True)
-class Spread:
-    model: str
-    taxonomy: str | None
-    mode: str | None
-    data: str | None
-    variants: tuple[str, ...]
-    hca: tuple[float, ...]
-    mean: float
-    std: float
-    """Population standard deviation (ddof=0) over the variants run."""
-    min: float
-    max: float
-    leaf_mean: float
-    leaf_std: float
 
 
 def variant_spread(runs: Sequence[RunInfo]) -> list[Spread]:
@@ -425,28 +332,6 @@ def variant_spread(runs: Sequence[RunInfo]) -> list[Spread]:
         out.append(Spread(model, tax, mode, data, tuple(vs), tuple(float(x) for x in h), float(h.mean()),
                           float(h.std()), float(h.min()), float(h.max()), float(leaf.mean()), float(leaf.std())))
     return sorted(out, key=lambda s: (s.model, s.taxonomy or "", s.mode or "", s.data or ""))
-
-
-@dataclass(frozen=True)
-class Delta:
-    taxonomy: str | None
-    mode: str | None
-    data: str | None
-    variant: str | None
-    before: str
-    after: str
-    hca_before: float
-    hca_after: float
-    leaf_before: float
-    leaf_after: float
-
-    @property
-    def hca_delta(self) -> float:
-        return self.hca_after - self.hca_before
-
-    @property
-    def leaf_delta(self) -> float:
-        return self.leaf_after - self.leaf_before
 
 
 def _side(runs: Sequence[RunInfo], sel: str) -> list[RunInfo]:
@@ -552,7 +437,7 @@ def analyze(runs: Sequence[RunInfo], out: str | Path, *, pair_text: dict[str, st
                                                      option=orjson.OPT_INDENT_2, default=_json_default))
     an.files["json"] = out / "analysis.json"
     if figures:
-        from harness.study import figures as fig
+        from harness.study import figures as fig  # matplotlib only when drawing
 
         if points:
             an.figures["text_vs_visual"] = fig.text_visual_scatter(points, corrs[0], out / "text_vs_visual.png")
@@ -616,37 +501,3 @@ def report_markdown(an: Analysis) -> str:
             by_mode[d.mode or "-"].append(d.hca_delta)
         md.append("Mean HCA change: " + ", ".join(f"{m} {_mean(v):+.2f}" for m, v in sorted(by_mode.items())) + "\n")
     return "\n".join(md)
-
-
-def _pairs(values: Sequence[str], flag: str) -> list[tuple[str, str]]:
-    out = []
-    for v in values:
-        a, sep, b = v.partition("=")
-        if not sep or not a or not b:
-            raise ValueError(f"{flag} {v!r}: expected A=B")
-        out.append((a, b))
-    return out
-
-
-def analyze_cli(args) -> int:
-    from rich.console import Console
-
-    runs = load_runs(args.runs)
-    an = analyze(runs, args.out, pair_text=dict(_pairs(args.pair_text, "--pair-text")),
-                 compare=_pairs(args.compare, "--compare"), draws=args.draws)
-    con = Console(width=None if sys.stdout.isatty() else 200)
-    render_table(table_rows(runs), SHORT_COLUMNS, f"{len(runs)} runs", con)
-    for c in an.correlations:
-        con.print(f"text vs visual HCA ({c.scope}, n={c.n}, {c.n_models} models): Pearson {_fmt(c.pearson)} "
-                  f"[{_fmt(c.pearson_ci[0])}, {_fmt(c.pearson_ci[1])}], Spearman {_fmt(c.spearman)} "
-                  f"[{_fmt(c.spearman_ci[0])}, {_fmt(c.spearman_ci[1])}]", highlight=False)
-    if not an.points:
-        con.print("text vs visual: no model with both image and text runs on the same items file", highlight=False)
-    for s in an.spreads:
-        con.print(f"variant spread {s.model} {s.taxonomy} {s.mode} {s.data}: mean {s.mean:.2f} std {s.std:.2f} "
-                  f"min {s.min:.2f} max {s.max:.2f} ({len(s.variants)} variants)", highlight=False)
-    for d in an.deltas:
-        con.print(f"finetuning {d.taxonomy} {d.mode}: HCA {d.hca_before:.2f} -> {d.hca_after:.2f} ({d.hca_delta:+.2f})",
-                  highlight=False)
-    con.print(f"wrote {an.files['report']} ({len(an.figures)} figures, {len(an.files) - 2} tables)", highlight=False)
-    return 0

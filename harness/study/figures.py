@@ -1,6 +1,6 @@
 """PNG figures of the cross-run analyses (matplotlib, Agg backend: no display needed).
 
-Each function takes the analysis objects of harness.study.analysis, writes one PNG and returns its path.
+Each function takes the analysis records (harness.study.records), writes one PNG and returns its path.
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -16,8 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-if TYPE_CHECKING:
-    from harness.study.analysis import Correlation, Delta, Point, RunInfo, Spread
+from harness.data.taxonomy import TAXONOMIES
+from harness.study.records import Correlation, Delta, Point, RunInfo, Spread, asked_levels, level_name
 
 DPI = 120
 
@@ -38,8 +37,6 @@ def _colours(keys: Sequence[str], cmap_name: str = "tab10") -> dict[str, tuple]:
 
 
 def _display(taxonomy: str | None) -> str:
-    from harness.data.taxonomy import TAXONOMIES
-
     info = TAXONOMIES.get(taxonomy or "")
     return info.display_name if info else (taxonomy or "-")
 
@@ -79,8 +76,6 @@ def text_visual_scatter(points: Sequence[Point], corr: Correlation, path: Path) 
 def per_level_curves(runs: Sequence[RunInfo], path: Path) -> Path:
     """Accuracy at each level (coarse to fine), one panel per taxonomy, one line per run (dashed:
     text mode, whose filled-in leaf is not drawn)."""
-    from harness.study.analysis import asked_levels, level_name
-
     by_tax: dict[str, list[RunInfo]] = defaultdict(list)
     for r in runs:
         if r.summary.per_level:

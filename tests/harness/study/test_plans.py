@@ -16,10 +16,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from harness.study import plans
 from harness.cli import main as harness_main
+from harness.cli import plan as cli_plan
 from harness.data.items import read_items
 from harness.prompts.hierarchy import PromptConfig, Renderer
+from harness.study import cells, executor, plan_spec
 from tests.support.stub_server import Stub, StubThread
 
 REPO = Path(__file__).resolve().parents[3]
@@ -82,19 +83,19 @@ name = "cub"
 taxonomy = "cub"
 items = { similar = "a.jsonl" }
 ''')
-    with pytest.raises(plans.PlanError, match=r"bad\.toml: invalid plan:\n  models\[0\] \(m\)\.profil: unknown key"):
-        plans.load_plan(bad)
+    with pytest.raises(plan_spec.PlanError, match=r"bad\.toml: invalid plan:\n  models\[0\] \(m\)\.profil: unknown key"):
+        plan_spec.load_plan(bad)
     bad.write_text(bad.read_text().replace("profil =", "profile =").replace("qwen2.5-vl-7b", "no-such-model"))
-    with pytest.raises(plans.PlanError, match=r"bad\.toml: models\[0\] \(m\)\.profile: unknown server profile"):
-        plans.load_plan(bad)
+    with pytest.raises(plan_spec.PlanError, match=r"bad\.toml: models\[0\] \(m\)\.profile: unknown server profile"):
+        plan_spec.load_plan(bad)
     bad.write_text('choices = ["random"]\n' + bad.read_text().replace('profile = "no-such-model"', 'model = "m"'))
-    with pytest.raises(plans.PlanError, match=r"\(top level\): choices: 'random' is not a key of any benchmark's items"):
-        plans.load_plan(bad)
+    with pytest.raises(plan_spec.PlanError, match=r"\(top level\): choices: 'random' is not a key of any benchmark's items"):
+        plan_spec.load_plan(bad)
     bad.write_text('name = "x"\nmodels = []\n')
-    with pytest.raises(plans.PlanError, match=r"models: List should have at least 1 item"):
-        plans.load_plan(bad)
+    with pytest.raises(plan_spec.PlanError, match=r"models: List should have at least 1 item"):
+        plan_spec.load_plan(bad)
     with pytest.raises(FileNotFoundError, match="no such plan file .*hierarchy-image"):
-        plans.load_plan(tmp_path / "missing.toml")
+        plan_spec.load_plan(tmp_path / "missing.toml")
 
 
 def test_profile_variant_needs_a_profile_or_preset(tmp_path):
@@ -109,7 +110,7 @@ taxonomy = "cub"
 items = { similar = "a.jsonl" }
 ''')
     with pytest.raises(ValueError, match=r"variants = \"profile\" but models \[m\] has no profile or preset"):
-        plans.expand(plans.load_plan(p).spec)
+        cells.expand(plan_spec.load_plan(p).spec)
 
 
 def test_profile_variant_listed_again_is_one_cell(tmp_path):
@@ -125,7 +126,7 @@ name = "cub"
 taxonomy = "cub"
 items = { similar = "a.jsonl" }
 ''')
-    exp = plans.expand(plans.load_plan(p).spec)
+    exp = cells.expand(plan_spec.load_plan(p).spec)
     # CUB: image variant 0, text variant 1 in the profile
     assert [c.key.split("/")[1] for c in exp.cells] == [
         "cub.similar.image.v0.generate.robust", "cub.similar.image.v1.generate.robust",
@@ -150,11 +151,11 @@ OG_TEXT = {"qwen2-7b-instruct": VLM_TEXT, "qwen2.5-7b-instruct": VLM_TEXT, "qwen
            "internlm2.5-7b-chat": {"inat_animal": 2, "inat_plant": 2, "imagenet_artifact": 1, "imagenet_animal": 1, "cub": 1}}
 
 
-def _expand(name: str, **kw) -> plans.Expansion:
-    return plans.expand(plans.load_plan(name).spec, **kw)
+def _expand(name: str, **kw) -> cells.Expansion:
+    return cells.expand(plan_spec.load_plan(name).spec, **kw)
 
 
-def _variants(exp: plans.Expansion) -> dict[str, dict[str, int]]:
+def _variants(exp: cells.Expansion) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for c in exp.cells:
         out.setdefault(c.model, {})[c.benchmark] = c.variant
@@ -283,8 +284,8 @@ def test_killed_plan_resumes_without_asking_anything_twice(clean_run, tmp_path):
         killed_at = st.stub.requests
         assert 170 <= killed_at < clean_asked, "the plan was not interrupted mid-way"
         done_at_kill = {d.relative_to(out): {r["qid"] for r in cell_records(d)} for d in out.glob("*/*")}
-        states = {k: plans.cell_state(c).state for k, c in
-                  ((c.out.relative_to(out), c) for c in plans.expand(plans.load_plan(plan).spec).cells)}
+        states = {k: cells.cell_state(c).state for k, c in
+                  ((c.out.relative_to(out), c) for c in cells.expand(plan_spec.load_plan(plan).spec).cells)}
         assert "partial" in states.values() and "missing" in states.values()
         before = st.stub.requests
         assert harness_main(["plan", "run", str(plan), *eps]) == 0
@@ -321,19 +322,19 @@ items = {{ similar = "${{SHIPPED}}/CUB200_with_similar_choice.jsonl", random = "
     @contextlib.contextmanager
     def fake_launcher(entry, log_dir):
         if entry.name != "llm":  # the real one: no vLLM here, no path -> "pass --endpoint"
-            with plans.launch_server(entry, log_dir) as got:
+            with executor.launch_server(entry, log_dir) as got:
                 yield got
             return
         launches.append(entry.name)
         with StubThread(Stub(model="Qwen/Qwen2.5-7B-Instruct")) as st:
             yield [st.url], None
 
-    exp = plans.expand(plans.load_plan(plan).spec)
+    exp = cells.expand(plan_spec.load_plan(plan).spec)
     assert ("llm/cub.similar.image", "profile qwen2.5-7b-instruct is a text-only LLM") in exp.skipped
     keys = [c.key for c in exp.cells]
     assert keys[:4] == ["llm/cub.similar.text.v1.generate.robust.n10", "llm/cub.similar.text.v2.generate.robust.n10",
                         "llm/cub.random.text.v1.generate.robust.n10", "llm/cub.random.text.v2.generate.robust.n10"]
-    outcomes = plans.run_plan(exp, launcher=fake_launcher, log=lambda s: None)
+    outcomes = cli_plan.run_plan(exp, launcher=fake_launcher, log=lambda s: None)
     assert launches == ["llm"]  # one server for the model's four cells
     got = {o.key: o.result for o in outcomes}
     assert [got[k] for k in keys[:4]] == ["done"] * 4
@@ -343,7 +344,7 @@ items = {{ similar = "${{SHIPPED}}/CUB200_with_similar_choice.jsonl", random = "
     st = orjson.loads((tmp_path / "out/llm/cub.similar.text.v1.generate.robust.n10/run.json").read_bytes())["settings"]
     assert (st["model"], st["prompt"]["variant"], st["prompt"]["system"], st["max_tokens"]) == (
         "Qwen/Qwen2.5-7B-Instruct", 1, "helpful", 5)
-    plans.run_plan(plans.expand(plans.load_plan(plan).spec, models=["llm"]), launcher=fake_launcher, log=lambda s: None)
+    cli_plan.run_plan(cells.expand(plan_spec.load_plan(plan).spec, models=["llm"]), launcher=fake_launcher, log=lambda s: None)
     assert launches == ["llm"]  # all done: no server started again
 
 
@@ -364,12 +365,12 @@ endpoint = "http://127.0.0.1:9/v1"
 name = "flowers"
 items = {{ test = "${{SHIPPED}}/CUB200_with_similar_choice.jsonl" }}
 ''')
-    outcomes = plans.run_plan(plans.expand(plans.load_plan(plan).spec), log=lambda s: None)
+    outcomes = cli_plan.run_plan(cells.expand(plan_spec.load_plan(plan).spec), log=lambda s: None)
     assert [o.result for o in outcomes] == ["blocked: `harness classify-not-built-yet` not available yet"] * 2
     bad = write_plan(tmp_path / "bad.toml", stub_plan(tmp_path).read_text().replace(
         'name = "stubgrid"', 'name = "bad"\nargs = ["--no-such-flag"]'))
     with StubThread(Stub()) as st:
-        outcomes = plans.run_plan(plans.expand(plans.load_plan(bad).spec, models=["a"]),
+        outcomes = cli_plan.run_plan(cells.expand(plan_spec.load_plan(bad).spec, models=["a"]),
                                   endpoints={"a": [st.url]}, log=lambda s: None)
         assert st.stub.requests == 0
     assert len(outcomes) == 4 and all("arguments not accepted by `harness run`" in o.result and "--no-such-flag" in o.result
@@ -380,7 +381,7 @@ def test_a_server_error_stops_that_servers_cells_only(tmp_path):
     plan = stub_plan(tmp_path, limit=5)
     plan.write_text(plan.read_text().replace('name = "b"\nmodel = "stub-model"', 'name = "b"\nmodel = "not-served"'))
     with StubThread(Stub()) as st, StubThread(Stub(model="not-served")) as st2:
-        outcomes = plans.run_plan(plans.expand(plans.load_plan(plan).spec),
+        outcomes = cli_plan.run_plan(cells.expand(plan_spec.load_plan(plan).spec),
                                   endpoints={"a": [st.url], "b": [st.url]}, log=lambda s: None)
         assert st2.stub.requests == 0
     got = [o.result for o in outcomes]
@@ -389,13 +390,13 @@ def test_a_server_error_stops_that_servers_cells_only(tmp_path):
 
 
 def _classify_available() -> bool:
-    return "classify" in plans.available_commands()
+    return "classify" in cli_plan.CLI.commands()
 
 
 @pytest.mark.skipif(not _classify_available(), reason="`harness classify` not built yet")
 def test_shipped_classification_cells_are_accepted_by_harness_classify():
     exp = _expand("classify-label-size")
-    bad = {c.key: plans._check_args(c.command(["http://127.0.0.1:9/v1"], "m")) for c in exp.cells}
+    bad = {c.key: cli_plan.CLI.check(c.command(["http://127.0.0.1:9/v1"], "m")) for c in exp.cells}
     assert {k: v for k, v in bad.items() if v} == {}
 
 
@@ -430,9 +431,9 @@ items = {{ test = "{tmp_path / 'list.jsonl'}" }}
 args = ["--classes", "{tmp_path / 'classes.json'}"]
 ''')
     with StubThread(Stub()) as st:
-        first = plans.run_plan(plans.expand(plans.load_plan(plan).spec), endpoints={"m": [st.url]}, log=lambda s: None)
+        first = cli_plan.run_plan(cells.expand(plan_spec.load_plan(plan).spec), endpoints={"m": [st.url]}, log=lambda s: None)
         asked = st.stub.requests
-        again = plans.run_plan(plans.expand(plans.load_plan(plan).spec), endpoints={"m": [st.url]}, log=lambda s: None)
+        again = cli_plan.run_plan(cells.expand(plan_spec.load_plan(plan).spec), endpoints={"m": [st.url]}, log=lambda s: None)
         assert st.stub.requests == asked == 12  # 6 images x 2 cells, then nothing
     assert [o.result for o in first] == ["done", "done"] and [o.result for o in again] == ["skipped (done)"] * 2
     recs = [orjson.loads(x) for x in (tmp_path / "out/m/mini.test.reference.k2/results.jsonl").read_bytes().splitlines()]
