@@ -93,7 +93,7 @@ class HarnessRun:
         await self.client.__aexit__(*exc)
 
     def work(self):
-        done, _ = self.store.scan()
+        done = self.store.scan()
         return runner._work(self.args, self.settings, done, ReadReport())
 
     async def run(self):

@@ -30,7 +30,8 @@ from harness import __version__
 from harness.backends.contrastive import ContrastiveModel, EncoderCounts, load_pixels, prefetch
 from harness.data.items import LETTERS, Item, ItemError, ReadReport, file_hash, read_items
 from harness.prompts.hierarchy import Question, make_qid
-from harness.runs.results import ResultStore, record
+from harness.runs.results import ResultStore
+from harness.tasks.hierarchy import record
 from harness.metrics.readers import summarize_results
 
 ANSWER_MODE = "clip"
@@ -306,7 +307,7 @@ def run_clip(run: ClipRun, model: ContrastiveModel | None = None, log=None) -> i
         model = load_model(run.model, run.device, run.dtype)
     out.mkdir(parents=True, exist_ok=True)
     store = ResultStore(out / "results.jsonl")
-    done, _ = store.scan(retry_errors=run.retry_errors)
+    done = store.scan(retry_errors=run.retry_errors)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     _write_manifest(out, settings, run, "running", started, model)
     report = ReadReport()

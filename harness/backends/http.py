@@ -19,6 +19,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import aiohttp
 import orjson
 
+from harness.backends.images import ImagePayload, encode_image
+
 
 class FatalError(RuntimeError):
     """Stops the whole run (every further request would fail the same way)."""
@@ -144,7 +146,8 @@ class Endpoint:
 
 
 class Client:
-    """POSTs JSON bodies to the least-loaded endpoint; returns decoded JSON or raises."""
+    """The OpenAI-compatible HTTP backend: POSTs JSON bodies to the least-loaded endpoint; returns
+    decoded JSON or raises."""
 
     def __init__(self, endpoints: list[str], api_key: str | None, *, timeout: float = 120.0,
                  connections: int = 256, extra_headers: dict | None = None, key_env: str | None = None):
@@ -205,6 +208,12 @@ class Client:
         if not isinstance(out, dict):
             raise RetryableError("malformed response (not an object)")
         return out
+
+    def prepare_image(self, path: str, media: str, max_side: int | None) -> ImagePayload:
+        return encode_image(path, media=media, max_side=max_side)
+
+    async def send(self, path: str, body: dict | bytes) -> dict:
+        return await self.post(path, body if isinstance(body, bytes) else orjson.dumps(body))
 
     def key_hint(self) -> str:
         """What to check after a 401/403: names the key variable, never shows the key."""

@@ -17,7 +17,7 @@ COMMANDS = [
     "harness.cli.report",
     "harness.cli.data",
     "harness.cli.build",
-    "harness.backends.batch",
+    "harness.cli.batch",
     "harness.cli.serve",
     "harness.demo",
     "harness.cli.clip",

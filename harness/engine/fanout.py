@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from harness.backends.http import RetryableError, RetryPolicy
-from harness.engine.images import ImagePayload, encode_image
+from harness.backends.images import ImagePayload, encode_image
 
 T = TypeVar("T")
 Job = Any

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import gc
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 
 from harness.data.taxonomy import ROOT_NAMES
 from harness.metrics.hierarchy import Summary, summarize
+
+
+def iter_records(path: Path) -> Iterator[dict]:
+    """Every parseable line of a results file (a torn or corrupt line is skipped)."""
+    with path.open("rb") as f:
+        for line in f:
+            try:
+                yield orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
 
 
 def _paths_from_levels(per_item: dict[str, dict[int, tuple[str | None, str | None, bool]]]):

@@ -1,48 +1,17 @@
-"""results.jsonl: the one result format (DESIGN.md section 4), its append-only store and readers.
-
-One line a question: qid, item, level, truth, choices (letter -> text), letter, prediction, raw,
-error, plus scored (False for the taxonomy root), auto (leaf auto-filled in text mode), and for
-binary prompts `option` (letter of the statement's option) and `yes` (1/0/-1).
-Resume = skip the qids already present; a torn last line (crash mid-write) is cut off.
-"""
+"""results.jsonl: the append-only store of a run folder (the line format is DESIGN.md section 4;
+each task builds its lines). Resume = skip the qids already present; a torn last line (a crash
+mid-write) is cut off."""
 
 from __future__ import annotations
 
-import gc
 import os
 import time
-from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import orjson
 
-from harness.metrics.hierarchy import Summary, summarize
-from harness.prompts.hierarchy import Question
-from harness.data.taxonomy import ROOT_NAMES
-
-
-def record(q: Question, *, letter: str | None, raw: str | None, error: str | None, **extra) -> dict:
-    """The result line of a question."""
-    choices = q.choices
-    rec = {
-        "qid": q.qid,
-        "item": q.item_id,
-        "level": q.level,
-        "truth": q.truth,
-        "choices": choices,
-        "letter": letter,
-        "prediction": q.auto if q.auto is not None else (choices.get(letter) if letter else None),
-        "raw": raw,
-        "error": error,
-        "scored": q.scored,
-    }
-    if q.auto is not None:
-        rec["auto"] = True
-    if q.option is not None:
-        rec["option"] = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[q.option]
-    rec.update(extra)
-    return rec
+from harness.metrics.readers import iter_records
 
 
 def repair_tail(path: Path) -> int:
@@ -73,16 +42,6 @@ def repair_tail(path: Path) -> int:
         return size
 
 
-def iter_records(path: Path) -> Iterator[dict]:
-    """Every parseable line of a results file (a torn or corrupt line is skipped)."""
-    with path.open("rb") as f:
-        for line in f:
-            try:
-                yield orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-
-
 class ResultStore:
     """Append-only results.jsonl, written in small batches (flushed by count or time)."""
 
@@ -95,12 +54,12 @@ class ResultStore:
         self._last = time.monotonic()
         self._f = None
 
-    def scan(self, *, retry_errors: bool = False) -> tuple[set[str], dict[str, dict]]:
-        """Repair the tail, then return (qids to skip, {raw-text cache: qid -> record}) from disk."""
+    def scan(self, *, retry_errors: bool = False) -> set[str]:
+        """Repair the tail, then return the qids to skip (with `retry_errors`, not the failed ones)."""
         repair_tail(self.path)
         done: set[str] = set()
         if not self.path.exists():
-            return done, {}
+            return done
         for rec in iter_records(self.path):
             qid = rec.get("qid")
             if qid is None:
@@ -109,7 +68,7 @@ class ResultStore:
                 done.discard(qid)  # a later success line (if any) adds it back
                 continue
             done.add(qid)
-        return done, {}
+        return done
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

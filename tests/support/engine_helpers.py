@@ -14,12 +14,14 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterable
+from itertools import islice
 from pathlib import Path
 
 import orjson
 
 from harness.backends.http import Client, RetryPolicy
-from harness.engine.core import Decoding, Engine
+from harness.engine.core import Engine
+from harness.tasks.hierarchy import ChatTask, Decoding, questions, units
 from harness.data.items import read_items
 from harness.prompts.hierarchy import PromptConfig, Renderer
 from harness.runs.results import ResultStore
@@ -165,22 +167,15 @@ def run_engine(url: str | list[str], data: Path, out: Path, *, mode: str = "text
         client = Client([url] if isinstance(url, str) else url, api_key, timeout=timeout)
         async with client:
             store = ResultStore(out / "results.jsonl")
-            done, _ = store.scan(retry_errors=retry_errors)
-            engine = Engine(client=client, store=store, prompt=cfg, decoding=Decoding(model=model, answer=answer),
+            done = store.scan(retry_errors=retry_errors)
+            engine = Engine(client, ChatTask(cfg, Decoding(model=model, answer=answer)), store.append,
                             concurrency=concurrency, retry=retry or RetryPolicy(max_retries=8, base=0.005, cap=0.05),
                             dedupe=(mode == "text") if dedupe is None else dedupe, **engine_kw)
             renderer = Renderer(cfg, answer=answer)
 
-            def work():
-                for k, item in enumerate(read_items(data)):
-                    if limit is not None and k >= limit:
-                        return
-                    qs = [q for q in renderer.render(item) if q.qid not in done]
-                    if qs:
-                        yield item, qs
-
+            items = islice(read_items(data), limit)
             with store:
-                await engine.run(work())
+                await engine.run(units(questions(items, renderer, done)))
             return engine
 
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,8 @@ from collections import defaultdict
 import orjson
 import pytest
 
-from harness.engine.core import Decoding, Engine
+from harness.engine.core import Group
+from harness.tasks.hierarchy import ChatTask, Decoding
 from harness.prompts.hierarchy import PromptConfig, Question
 from tests.support.engine_helpers import (
     CUB_SIMILAR,
@@ -92,17 +93,16 @@ def test_logprobs_mode_sends_one_token_and_keeps_the_distribution(tmp_path, caps
 
 
 def test_logprobs_best_offered_letter_wins():
-    eng = Engine(client=None, store=None, prompt=PromptConfig(taxonomy="cub"),  # type: ignore[arg-type]
-                 decoding=Decoding(model="m", answer="logprobs"))
+    task = ChatTask(PromptConfig(taxonomy="cub"), Decoding(model="m", answer="logprobs"))
     q = Question("q", "i", 1, 0, ("a", "b", "c"), "a", None, "t", None, True)
     top = [{"token": " E", "logprob": -0.01}, {"token": "The", "logprob": -0.2}, {"token": "(B", "logprob": -0.7},
            {"token": " A.", "logprob": -1.5}, {"token": "B", "logprob": -3.0}, {"token": "D", "logprob": -0.5}]
     resp = {"choices": [{"message": {"content": "E"}, "logprobs": {"content": [{"token": " E", "top_logprobs": top}]}}],
             "usage": {"prompt_tokens": 5, "completion_tokens": 1}}
-    ans = eng.interpret(q, resp)
+    ans = task.interpret(Group(q.qid, 1, q), 0, resp)
     assert ans["letter"] == "B" and ans["letter_logprobs"] == {"B": -0.7, "A": -1.5}  # D is not offered
     resp["choices"][0]["logprobs"]["content"][0]["top_logprobs"] = top[:2]
-    assert eng.interpret(q, resp)["letter"] is None  # no offered letter among the top tokens: unanswered
+    assert task.interpret(Group(q.qid, 1, q), 0, resp)["letter"] is None  # no offered letter among the top tokens: unanswered
 
 
 def test_binary_mode_writes_one_line_per_option(tmp_path, capsys):

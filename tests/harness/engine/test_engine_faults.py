@@ -147,13 +147,14 @@ def test_retry_after_header_delays_the_retry(tmp_path):
         port = site._server.sockets[0].getsockname()[1]
         try:
             async with Client([f"http://127.0.0.1:{port}"], None, timeout=5) as c:
-                from harness.engine.core import Decoding, Engine
-                from harness.prompts.hierarchy import PromptConfig
-                from harness.runs.results import ResultStore
+                from harness.engine.core import Engine, Group
 
-                eng = Engine(client=c, store=ResultStore(tmp_path / "r.jsonl"), prompt=PromptConfig(taxonomy="cub"),
-                             decoding=Decoding(model="m"), retry=RetryPolicy(max_retries=3, base=0.001, cap=1.0))
-                return await eng._send(b"{}", 10)
+                class Raw:  # the reply itself is the answer
+                    def interpret(self, group, i, resp, head):
+                        return resp
+
+                eng = Engine(c, Raw(), lambda rec: None, retry=RetryPolicy(max_retries=3, base=0.001, cap=1.0))
+                return await eng._send(Group("q"), 0, "/chat/completions", b"{}", None)
         finally:
             await runner.cleanup()
 

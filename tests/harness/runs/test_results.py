@@ -13,13 +13,9 @@ from hypothesis import strategies as st
 from harness.data.items import Item, Level
 from harness.metrics.hierarchy import summarize
 from harness.prompts.hierarchy import PromptConfig, Renderer
-from harness.runs.results import (
-    ResultStore,
-    iter_records,
-    record,
-    repair_tail,
-    write_jsonl,
-)
+from harness.runs.results import ResultStore, repair_tail, write_jsonl
+from harness.tasks.hierarchy import record
+from harness.metrics.readers import iter_records
 from harness.metrics.readers import summarize_reference, summarize_results
 
 CONTRACT_FIELDS = {"qid", "item", "level", "truth", "choices", "letter", "prediction", "raw", "error"}
@@ -87,7 +83,7 @@ def test_store_round_trip_and_batched_flush(tmp_path):
     assert path.read_bytes().endswith(b"\n")
     with ResultStore(path) as s2:  # reopening appends
         s2.append(_rec("q5"))
-    done, _ = ResultStore(path).scan()
+    done = ResultStore(path).scan()
     assert done == {"q1", "q2", "q3", "q4", "q5"}
 
 
@@ -102,7 +98,7 @@ def test_scan_repairs_torn_last_line(tmp_path):
     path = tmp_path / "results.jsonl"
     good = b"".join(orjson.dumps(_rec(f"q{i}")) + b"\n" for i in range(3))
     path.write_bytes(good + b'{"qid": "q3", "item": "i", "lev')
-    done, _ = ResultStore(path).scan()
+    done = ResultStore(path).scan()
     assert done == {"q0", "q1", "q2"}
     assert path.read_bytes() == good  # cut back to the last whole line
     with ResultStore(path) as s:  # the next append starts on a fresh line
@@ -139,11 +135,11 @@ def test_scan_retry_errors_semantics(tmp_path):
         _rec("broke"), _rec("broke", pred=None, error="timeout"),  # success, then a later error line
         {"no": "qid"},
     ])
-    done, _ = ResultStore(path).scan()
+    done = ResultStore(path).scan()
     assert done == {"ok", "err", "fixed", "broke"}  # resume: everything present is finished
-    done, _ = ResultStore(path).scan(retry_errors=True)
+    done = ResultStore(path).scan(retry_errors=True)
     assert done == {"ok", "fixed"}  # the last line of a qid decides
-    assert ResultStore(tmp_path / "none.jsonl").scan() == (set(), {})
+    assert ResultStore(tmp_path / "none.jsonl").scan() == set()
 
 
 # ------------------------------------------------------------------ summarize_results

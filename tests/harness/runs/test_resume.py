@@ -70,8 +70,8 @@ def test_scan_skips_finished_and_optionally_failed(tmp_path):
                          {"qid": "c", "error": "image: missing"}, {"qid": "c", "error": None},
                          {"qid": "d", "error": None}) + b'{"qid": "e", "er')
     store = ResultStore(p)
-    assert store.scan()[0] == {"a", "b", "c", "d"}
-    assert store.scan(retry_errors=True)[0] == {"a", "c", "d"}  # c succeeded later
+    assert store.scan() == {"a", "b", "c", "d"}
+    assert store.scan(retry_errors=True) == {"a", "c", "d"}  # c succeeded later
     assert p.read_bytes().endswith(b"\n")  # the torn line was cut
 
 

@@ -1,0 +1,225 @@
+"""The one run lifecycle: RunSpec -> backend -> settings -> folder check -> engine -> summary -> manifest.
+
+Every run kind (hierarchy image/text/binary over endpoints or CLIP, classification, log-likelihood,
+ImageWikiQA) goes through :func:`execute`; they differ only in their *experiment* (settings, units,
+task, summary), built by :func:`experiment_for`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.backends.http import Client, FatalError, RetryPolicy, redact_url
+from harness.data.items import ItemError
+from harness.engine.core import Engine
+from harness.engine.progress import Progress
+from harness.runs.folder import ExitCode, RunFolder, now
+from harness.runs.spec import ClipBackend, EndpointBackend, HierarchyTask, RunSpec
+
+
+@dataclass
+class RunResult:
+    """What `harness.run` returns."""
+
+    out: Path
+    status: str  # done, incomplete, stopped, fatal, dry-run
+    exit_code: ExitCode
+    summary: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    message: str | None = None  # why the run stopped, when it did
+    lines: list[str] = field(default_factory=list)  # what the run reported, for a console
+
+
+def experiment_for(spec: RunSpec, model: str):
+    """The experiment of a spec (its settings resolved for the served model)."""
+    if isinstance(spec.task, HierarchyTask):
+        from harness.runs.hierarchy import HierarchyExperiment
+
+        return HierarchyExperiment(spec, model)
+    from harness.runs.classification import ClassificationExperiment
+
+    return ClassificationExperiment(spec, model)
+
+
+def _check_inputs(spec: RunSpec) -> None:
+    """Input errors before anything starts (a server, a model load): one line naming the flag."""
+    if spec.data is not None:
+        p = Path(spec.data)
+        if not p.exists():
+            raise FileNotFoundError(f"--data {p}: no such file")
+        if not p.is_file():
+            raise ValueError(f"--data {p}: not a file")
+    out = Path(spec.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+
+
+def _backend(spec: RunSpec, endpoints: list[str]):
+    b = spec.backend
+    if isinstance(b, ClipBackend):
+        from harness.backends.clip import ClipScorer
+
+        return ClipScorer(spec.model or "", device=b.device, dtype=b.dtype, batch_size=b.batch_size,
+                          workers=b.workers, text_batch=b.text_batch)
+    assert isinstance(b, EndpointBackend)
+    api_key = os.environ.get(b.api_key_env) or None
+    return Client(endpoints, api_key, timeout=b.timeout, connections=max(64, b.concurrency * 2),
+                  key_env=b.api_key_env)  # messages name the variable, never the key
+
+
+async def resolve_model(backend, model: str | None) -> str:
+    """Health-check the backend; the served model when `model` is omitted and there is just one."""
+    served = await backend.health()
+    if model:
+        if served and model not in served:
+            raise FatalError(f"model {model!r} is not served here; the endpoint serves: {', '.join(served)}")
+        return model
+    if len(served) == 1:
+        return served[0]
+    raise FatalError(f"--model is required: the endpoint serves {len(served)} models "
+                     f"({', '.join(served) or 'none listed'})")
+
+
+def _redacted(spec: RunSpec) -> RunSpec:
+    """The spec as recorded: endpoint credentials (user:pass@host) cut out of the URLs."""
+    if isinstance(spec.backend, EndpointBackend) and spec.backend.endpoints:
+        b = spec.backend.model_copy(update={"endpoints": [redact_url(u) for u in spec.backend.endpoints]})
+        return spec.model_copy(update={"backend": b})
+    return spec
+
+
+async def _execute(spec: RunSpec, endpoints: list[str], *, dry_run: bool, progress: bool,
+                   on_engine: Callable[[Engine], Any] | None) -> RunResult:
+    folder = RunFolder(spec.out)
+    backend = _backend(spec, endpoints)
+    if isinstance(spec.backend, EndpointBackend) and isinstance(spec.task, HierarchyTask) \
+            and spec.task.answer == "choice" and any("api.openai.com" in e for e in endpoints):
+        raise FatalError("`--answer choice` needs vLLM's structured_outputs, which the OpenAI API does not have; "
+                         "use `--answer logprobs` (top_logprobs) or `--answer generate`")
+    async with backend:
+        model = spec.model if dry_run and spec.model else await resolve_model(backend, spec.model)
+        exp = experiment_for(spec, model)
+        if hasattr(exp, "prepare"):
+            await exp.prepare(backend)
+        if dry_run:
+            done = folder.done() if folder.results.exists() else set()
+            return RunResult(folder.path, "dry-run", ExitCode.INPUT if exp.report.errors else ExitCode.OK,
+                             lines=exp.dry_run(done) + [f"invalid input: {e}" for e in exp.report.errors[:20]])
+        folder.check(exp.kind, exp.settings, spec.force)
+        folder.prepare()
+        done = folder.done(spec.retry_errors)
+        started = now()
+        recorded = _redacted(spec)
+        extra = {"endpoints": [redact_url(e) for e in endpoints], "command": sys.argv[:1] + ["run", "..."]}
+        if isinstance(spec.backend, EndpointBackend):
+            extra["api_key_env"] = spec.backend.api_key_env  # the name of the variable, never its value
+        folder.write_manifest(kind=exp.kind, spec=recorded, settings=exp.settings, status="running",
+                              started=started, **extra)
+        b = spec.backend
+        cache = None
+        if spec.cache:
+            from harness.engine.cache import RequestCache
+
+            cache = RequestCache(spec.cache)
+        throttle = token_limiter = None
+        if isinstance(b, EndpointBackend) and b.rps:
+            from asyncio_throttle import Throttler
+
+            throttle = Throttler(rate_limit=b.rps, period=1.0)
+        if isinstance(b, EndpointBackend) and b.tpm:
+            from aiolimiter import AsyncLimiter
+
+            token_limiter = AsyncLimiter(b.tpm, 60)
+        concurrency = b.concurrency if isinstance(b, EndpointBackend) else b.batch_size * 2
+        engine = Engine(
+            backend, exp.task, (store := folder.store()).append, concurrency=concurrency,
+            group_workers=exp.group_workers, media=spec.media, max_side=spec.max_side,
+            retry=RetryPolicy(max_retries=b.max_retries) if isinstance(b, EndpointBackend) else RetryPolicy(0),
+            throttle=throttle, token_limiter=token_limiter, cache=cache, dedupe=exp.dedupe,
+            prices=exp.prices, max_cost=spec.max_cost)
+        if on_engine is not None:
+            on_engine(engine)
+        try:
+            with store:
+                async with Progress(engine.stats, progress):
+                    try:
+                        stats = await engine.run(exp.units(done))
+                    except ItemError as e:  # strict: stop at the bad line; what was written is kept
+                        engine.stats.fatal = str(e)
+                        stats = engine.stats
+        finally:
+            if cache is not None:
+                cache.close()
+        summary = exp.summarize(folder.results) if folder.results.exists() else {}
+        folder.write_summary(summary)
+        unanswered = exp.unanswered(summary)
+        status = "fatal" if stats.fatal else "stopped" if stats.stopped else "incomplete" if unanswered else "done"
+        folder.write_manifest(kind=exp.kind, spec=recorded, settings=exp.settings, status=status,
+                              started=started, stats=stats.to_json(), **extra)
+        lines = _lines(stats, exp, summary, folder)
+        if stats.fatal:
+            code = ExitCode.INPUT if isinstance(stats.fatal, str) and stats.fatal.startswith(str(spec.data)) \
+                else ExitCode.FATAL
+            return RunResult(folder.path, status, code, summary, stats.to_json(), stats.fatal, lines)
+        if stats.stopped:
+            return RunResult(folder.path, status, ExitCode.UNANSWERED, summary, stats.to_json(),
+                             f"{stats.stopped}; run the same command again to continue", lines)
+        if unanswered:
+            return RunResult(folder.path, status, ExitCode.UNANSWERED, summary, stats.to_json(),
+                             f"{unanswered:,} question(s) failed; rerun with --retry-errors to ask them again", lines)
+        code = ExitCode.INPUT if exp.report.errors else ExitCode.OK
+        return RunResult(folder.path, status, code, summary, stats.to_json(), None, lines)
+
+
+def _lines(stats, exp, summary: dict, folder: RunFolder) -> list[str]:
+    s = stats.to_json()
+    dt = s["seconds"]
+    n = stats.answered + stats.failed
+    out = [f"{n:,} questions in {dt:,.1f} s ({n / max(dt, 1e-9):,.0f}/s): {stats.answered:,} answered, "
+           f"{stats.failed:,} failed, {stats.cached:,} from cache/dedupe, {stats.retried:,} retries, "
+           f"{stats.images_encoded:,} images encoded for {stats.items:,} items"
+           + (f", ${stats.cost:,.4f}" if stats.cost else "")]
+    out += [f"invalid input, skipped: {e}" for e in exp.report.errors[:20]]
+    head = exp.headline(summary)
+    if head:
+        out.append(f"{head}  -> {folder.summary_path}")
+    return out
+
+
+def execute(spec: RunSpec, *, dry_run: bool = False, progress: bool = False, quiet_server: bool = False,
+            on_engine: Callable[[Engine], Any] | None = None) -> RunResult:
+    """Run a spec to the end (or until stopped); resumable. Invalid input raises ValueError /
+    FileNotFoundError naming the field or file; backend failures come back as a FATAL result."""
+    _check_inputs(spec)
+    try:
+        import uvloop  # optional: a faster event loop where installed
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    with ExitStack() as stack:
+        endpoints: list[str] = []
+        b = spec.backend
+        if isinstance(b, EndpointBackend):
+            endpoints = list(b.endpoints)
+            if not endpoints:
+                if not spec.model:
+                    raise ValueError("give --endpoint URL, or --model PATH_OR_HUB_ID to start a local server")
+                if dry_run:
+                    raise ValueError("--dry-run needs --endpoint (a dry run starts no server)")
+                from harness.serving.launcher import local_server
+
+                url, served = stack.enter_context(local_server(spec.model, quiet=quiet_server))
+                endpoints = [url]
+                spec = spec.model_copy(update={"model": served})
+        try:
+            return runner(_execute(spec, endpoints, dry_run=dry_run, progress=progress, on_engine=on_engine))
+        except FatalError as e:
+            return RunResult(Path(spec.out), "fatal", ExitCode.FATAL, message=str(e))

@@ -1,0 +1,35 @@
+"""Metrics of any run folder or result file, by run kind (what `harness report` and `harness.report` read)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+
+from harness.metrics.report import summarize_path as summarize_hierarchy
+
+CLASSIFICATION_KINDS = ("classify", "loglik", "wikiqa")
+
+
+def run_kind(path: str | Path) -> str:
+    """The kind recorded in a run folder's run.json (hierarchy for result files and older folders)."""
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent if p.name == "results.jsonl" else None
+    if folder is None or not (folder / "run.json").is_file():
+        return "hierarchy"
+    try:
+        m = orjson.loads((folder / "run.json").read_bytes())
+    except orjson.JSONDecodeError:
+        return "hierarchy"
+    return str(m.get("kind") or "hierarchy") if isinstance(m, dict) else "hierarchy"
+
+
+def summarize_path(path: str | Path, score_from: int | None = None) -> dict:
+    """The summary dict of a run (`kind` says which metrics it carries)."""
+    kind = run_kind(path)
+    if kind in CLASSIFICATION_KINDS:
+        from harness.runs.classification import summarize_folder
+
+        p = Path(path)
+        return {"kind": kind} | summarize_folder(p if p.is_dir() else p.parent)
+    return {"kind": "hierarchy"} | summarize_hierarchy(path, score_from).to_json()
