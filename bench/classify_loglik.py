@@ -43,7 +43,7 @@ def trie_nodes(token_lists) -> int:
 
 def token_table() -> list[tuple]:
     from harness.classification.datasets import data_dir, load_classes, unique
-    from harness.demo_models import build_tokenizer
+    from tests.support.tiny_models import build_tokenizer
 
     enc = None
     try:
@@ -199,7 +199,7 @@ def main() -> int:
         if a.model_dir:
             model_dir = Path(a.model_dir)
         else:
-            from harness.demo_models import build_tiny_llava
+            from tests.support.tiny_models import build_tiny_llava
 
             model_dir = build_tiny_llava(tmp / "llava")
         url, key, server = a.endpoint, os.environ.get(a.api_key_env), None

@@ -1,7 +1,7 @@
 """Training throughput of `harness finetune train` (LoRA r 64 on every language-model Linear, the
 Trainer, assistant-only labels) on tiny random VLMs: tokens/s on this machine.
 
-Builds the tiny LLaVA and Qwen2-VL (harness.demo_models), draws stand-in images for the first CUB
+Builds the tiny LLaVA and Qwen2-VL (tests.support.tiny_models), draws stand-in images for the first CUB
 items, renders their image and text-only SFT conversations (finetune.data), and times `train()` for
 each configuration. The first optimizer step (allocations, lazy init) is left out of the steady-state
 figures. Reports input tokens/s (non-padding, image tokens included), assistant (labelled) tokens/s,
@@ -106,7 +106,7 @@ def main() -> int:
     from finetune.data import DataConfig, conversations_from_items, write_jsonl
     from harness.demo import draw_images
     from harness.data.items import read_items
-    from harness.demo_models import build_tiny_llava, build_tiny_qwen2vl, has_torchvision
+    from tests.support.tiny_models import build_tiny_llava, build_tiny_qwen2vl, has_torchvision
 
     transformers.logging.set_verbosity_error()
     load = os.getloadavg()

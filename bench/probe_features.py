@@ -64,7 +64,7 @@ def make_items(path: Path, n: int, images: list[str]) -> Path:
 def build_model(family: str, folder: Path) -> Path:
     from transformers.utils import logging as hf_logging
 
-    from harness.demo_models import build_tiny_llava, build_tiny_qwen2vl
+    from tests.support.tiny_models import build_tiny_llava, build_tiny_qwen2vl
 
     hf_logging.disable_progress_bar()
 

@@ -1,33 +1,24 @@
-"""Tiny random-weight VLMs built offline (byte-level BPE tokenizer, LLaVA, Qwen2-VL): for `harness demo` and tests.
+"""The model of `harness demo`: a tiny random-weight LLaVA built offline, so the demo needs no download.
 
-Nothing is downloaded: the tokenizer is a byte-level BPE trained in-process on a short built-in
-corpus, the weights are random (seeded), and everything is written with ``save_pretrained`` into a
-folder that ``transformers serve`` and vLLM (CPU) can load like any hub checkpoint. Each builder takes
-well under a few seconds and writes < 2 MB.
+The tokenizer is a byte-level BPE trained in-process on a short built-in corpus, the weights are
+random (seeded), and everything is written with ``save_pretrained`` into a folder that ``transformers
+serve`` and vLLM (CPU) can load like any hub checkpoint, in well under a few seconds and < 2 MB.
+:func:`build_tiny_llava`: a tiny CLIP vision tower (28x28 / patch 14) and a tiny llama, head_dim 32
+(vLLM's CPU attention does not support 16); 4 image tokens a picture; works with or without
+torchvision. Its outputs are random text, but deterministic for a given build.
 
-- :func:`build_tiny_llava` - LLaVA (tiny CLIP vision tower 28x28 / patch 14, tiny llama). Works with
-  or without torchvision (transformers then uses its PIL image processors). 4 image tokens a picture.
-- :func:`build_tiny_qwen2vl` - Qwen2-VL (head_dim 64, mrope [8, 12, 12], 1-block vision tower,
-  min/max pixels 28*28 / 56*56). Its processor needs torchvision (the patched CPU one, see
-  ``.ci/patch_torchvision.py``): without it a ``RuntimeError`` is raised.
-
-Both models use head_dim >= 32 (vLLM's CPU attention does not support 16). Outputs are random text,
-but deterministic for a given build (fixed torch seed, deterministic tokenizer training).
-
-The chat templates render system / user / assistant turns, accept string or list content, emit the
-model's image placeholder where an ``image`` / ``image_url`` part stands (so an image listed before
-the text is rendered before it), and support ``add_generation_prompt``.
+The chat template renders system / user / assistant turns, accepts string or list content, emits
+``<image>`` where an ``image`` / ``image_url`` part stands, and supports ``add_generation_prompt``.
+The tests' other tiny models (Qwen2-VL, a Qwen2-VL tokenizer) are in ``tests/support/tiny_models.py``,
+built on :func:`train_bpe` and :func:`neutral_generation_config` from here.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Literal
 
 SEED = 0
-
-Family = Literal["llava", "qwen2vl"]
 
 # A small corpus: enough merges for a ~400-token vocabulary with whole words for the things tests say.
 _CORPUS = [
@@ -44,20 +35,10 @@ _CORPUS = [
     "Sparrow, warbler, finch, oak, maple, mushroom, beetle, butterfly.",
 ]
 
-_LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-_QWEN_SPECIALS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
-
-# Jinja chat templates. `content` may be a string or a list of parts; image parts (type "image" or
+LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+# Jinja chat template. `content` may be a string or a list of parts; image parts (type "image" or
 # "image_url") render the placeholder in place, text parts their text.
-_LLAVA_TEMPLATE = (
+LLAVA_TEMPLATE = (
     "{{- bos_token -}}"
     "{%- for message in messages -%}"
     "{{- message['role'] | upper + ': ' -}}"
@@ -72,37 +53,10 @@ _LLAVA_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
 )
 
-_QWEN_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' or part['type'] == 'image_url' -%}"
-    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{- '<|im_end|>\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
-)
-
-
-def build_tokenizer(family: Family = "llava", vocab_size: int = 400):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` with ``family``'s special tokens and chat template.
-
-    ``family`` is ``"llava"`` (``<s> </s> <unk> <pad> <image>``, "USER: ... ASSISTANT:" turns) or
-    ``"qwen2vl"`` (``<|im_start|>`` ChatML turns, ``<|vision_start|><|image_pad|><|vision_end|>``).
-    ``vocab_size`` counts the BPE vocabulary including the special tokens.
-    """
+def train_bpe(specials: list[str], vocab_size: int = 400):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on the built-in corpus (deterministic), with
+    ``specials`` first in its vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if family == "llava":
-        specials, template = _LLAVA_SPECIALS, _LLAVA_TEMPLATE
-    elif family == "qwen2vl":
-        specials, template = _QWEN_SPECIALS, _QWEN_TEMPLATE
-    else:
-        raise ValueError(f"unknown tokenizer family {family!r} (llava or qwen2vl)")
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -114,24 +68,23 @@ def build_tokenizer(family: Family = "llava", vocab_size: int = 400):
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return tok
 
-    if family == "llava":
-        fast = PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            bos_token="<s>",
-            eos_token="</s>",
-            unk_token="<unk>",
-            pad_token="<pad>",
-            extra_special_tokens={"image_token": "<image>"},
-        )
-    else:
-        fast = PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            eos_token="<|im_end|>",
-            pad_token="<|endoftext|>",
-            extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-        )
-    fast.chat_template = template
+
+def build_llava_tokenizer(vocab_size: int = 400):
+    """The demo LLaVA's ``PreTrainedTokenizerFast``: ``<s> </s> <unk> <pad> <image>``, "USER: ...
+    ASSISTANT:" turns; ``vocab_size`` counts the BPE vocabulary including the special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=train_bpe(LLAVA_SPECIALS, vocab_size),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    fast.chat_template = LLAVA_TEMPLATE
     fast.model_max_length = 1024
     return fast
 
@@ -176,7 +129,7 @@ def build_tiny_llava(out_dir: Path) -> Path:
         LlavaProcessor,
     )
 
-    tokenizer = build_tokenizer("llava")
+    tokenizer = build_llava_tokenizer()
     vocab = len(tokenizer)
     vision = CLIPVisionConfig(
         hidden_size=64,
@@ -220,86 +173,15 @@ def build_tiny_llava(out_dir: Path) -> Path:
         patch_size=14,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=_LLAVA_TEMPLATE,
+        chat_template=LLAVA_TEMPLATE,
     )
     _seed()
     model = LlavaForConditionalGeneration(config).eval()
-    _neutral_generation_config(model, tokenizer)
+    neutral_generation_config(model, tokenizer)
     out = _save(model, processor, out_dir)
     _fix_image_processor_type(out, "CLIPImageProcessor")
     _fix_llava_vision_tower_keys(out)
     return out
-
-
-def build_tiny_qwen2vl(out_dir: Path) -> Path:
-    """Write a tiny random Qwen2-VL (hidden 128, 2 heads, mrope [8,12,12]) to ``out_dir``; return it.
-
-    Image placeholder ``<|vision_start|><|image_pad|><|vision_end|>``; images are resized to between
-    28x28 and 56x56 pixels (1 to 4 image tokens). Raises ``RuntimeError`` when torchvision is not
-    importable (Qwen2-VL's video processor needs it; see ``.ci/patch_torchvision.py``).
-    """
-    if not has_torchvision():
-        raise RuntimeError(
-            "build_tiny_qwen2vl needs an importable torchvision (Qwen2-VL's video processor uses it); "
-            "install torchvision==0.28.0 and run `python .ci/patch_torchvision.py` on CPU machines"
-        )
-    from transformers import (
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
-
-    tokenizer = build_tokenizer("qwen2vl")
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _QWEN_SPECIALS}
-    config = Qwen2VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,  # head_dim 64 (vLLM CPU needs >= 32)
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 1024,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-        },
-        vision_config={
-            "depth": 1,
-            "embed_dim": 64,
-            "hidden_size": 128,  # = text hidden size (output of the merger)
-            "num_heads": 2,
-            "mlp_ratio": 2,
-            "in_channels": 3,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
-    config.bos_token_id = ids["<|endoftext|>"]
-    config.eos_token_id = ids["<|im_end|>"]
-    config.pad_token_id = ids["<|endoftext|>"]
-
-    pix = {"min_pixels": 28 * 28, "max_pixels": 56 * 56}
-    common = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**pix, **common),
-        video_processor=Qwen2VLVideoProcessor(**pix, **common),
-        tokenizer=tokenizer,
-        chat_template=_QWEN_TEMPLATE,
-    )
-    _seed()
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    _neutral_generation_config(model, tokenizer)
-    return _save(model, processor, out_dir)
 
 
 def _clip_image_processor():
@@ -354,7 +236,8 @@ def _fix_llava_vision_tower_keys(out_dir: Path) -> None:
             save_file(renamed, path, metadata={"format": "pt"})
 
 
-def _neutral_generation_config(model, tokenizer) -> None:
+def neutral_generation_config(model, tokenizer) -> None:
+    """Greedy decoding and the tokenizer's special ids in the saved generation config."""
     gc = model.generation_config
     gc.bos_token_id = tokenizer.bos_token_id
     gc.eos_token_id = tokenizer.eos_token_id

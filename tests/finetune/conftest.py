@@ -45,7 +45,7 @@ def _need_torch():
 @pytest.fixture(scope="session")
 def ft_llava_dir(tmp_path_factory) -> Path:
     _need_torch()
-    from harness.demo_models import build_tiny_llava
+    from tests.support.tiny_models import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("ft-llava"))
 
@@ -53,7 +53,7 @@ def ft_llava_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ft_qwen_dir(tmp_path_factory) -> Path:
     _need_torch()
-    from harness.demo_models import build_tiny_qwen2vl, has_torchvision
+    from tests.support.tiny_models import build_tiny_qwen2vl, has_torchvision
 
     if not has_torchvision():
         pytest.skip("tiny Qwen2-VL needs an importable torchvision (see .ci/patch_torchvision.py)")

@@ -13,14 +13,14 @@ pytest.importorskip("transformers", reason="probes need transformers")
 
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory) -> Path:
-    from harness.demo_models import build_tiny_llava
+    from tests.support.tiny_models import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("probe-llava"))
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory) -> Path:
-    from harness.demo_models import build_tiny_qwen2vl, has_torchvision
+    from tests.support.tiny_models import build_tiny_qwen2vl, has_torchvision
 
     if not has_torchvision():
         pytest.skip("tiny Qwen2-VL needs an importable torchvision (see .ci/patch_torchvision.py)")
@@ -99,10 +99,10 @@ def build_tiny_qwen25vl(out: Path) -> Path:
         Qwen2VLVideoProcessor,
     )
 
-    from harness.demo_models import _QWEN_SPECIALS, _QWEN_TEMPLATE, build_tokenizer
+    from tests.support.tiny_models import QWEN_SPECIALS, QWEN_TEMPLATE, build_tokenizer
 
     tok = build_tokenizer("qwen2vl")
-    ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIALS}
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     special = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
     cfg = Qwen2_5_VLConfig(
         text_config={"vocab_size": len(tok), "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
@@ -120,7 +120,7 @@ def build_tiny_qwen25vl(out: Path) -> Path:
     common = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
     proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pix, **common),
                             video_processor=Qwen2VLVideoProcessor(**pix, **common), tokenizer=tok,
-                            chat_template=_QWEN_TEMPLATE)
+                            chat_template=QWEN_TEMPLATE)
     model.save_pretrained(out)
     proc.save_pretrained(out)
     return out
@@ -128,7 +128,7 @@ def build_tiny_qwen25vl(out: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def qwen25_ext(tmp_path_factory):
-    from harness.demo_models import has_torchvision
+    from tests.support.tiny_models import has_torchvision
     from probes.extract import Extractor
 
     if not has_torchvision():

@@ -198,7 +198,7 @@ def test_text_only_llm(tmp_path):
     pad token supplied for batching; every hidden state's mean matches output_hidden_states."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from harness.demo_models import build_tokenizer
+    from tests.support.tiny_models import build_tokenizer
     from probes.extract import Extractor
 
     tok = build_tokenizer("llava")

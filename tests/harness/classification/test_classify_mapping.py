@@ -21,7 +21,7 @@ def tiny_nli(tmp_path_factory):
     from tokenizers import processors
     from transformers import BartConfig, BartForSequenceClassification
 
-    from harness.demo_models import build_tokenizer
+    from tests.support.tiny_models import build_tokenizer
 
     tok = build_tokenizer("llava")
     bos, eos = tok.bos_token, tok.eos_token
@@ -76,7 +76,7 @@ def test_embedding_mapper_maps_a_paraphrase_to_itself(tmp_path):
     from transformers import BertConfig, BertModel
 
     from harness.classification.mapping import EmbeddingMapper
-    from harness.demo_models import build_tokenizer
+    from tests.support.tiny_models import build_tokenizer
 
     tok = build_tokenizer("llava")
     torch.manual_seed(0)

@@ -79,7 +79,7 @@ def test_raw_template_loglik_prefixes_and_prediction_cut():
 def test_raw_chat_template_renders_the_reference_string():
     pytest.importorskip("jinja2")
     pytest.importorskip("transformers")
-    from harness.demo_models import build_tokenizer
+    from tests.support.tiny_models import build_tokenizer
 
     tok = build_tokenizer("llava")
     t = raw_template("llava15")
