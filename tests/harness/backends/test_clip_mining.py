@@ -224,3 +224,25 @@ def test_released_similar_and_random_files_share_few_distractors():
     assert [(s.level, s.questions, s.distractors) for s in st.values()] == [(n, 5794, 17382) for n in (1, 2, 3, 4)]
     assert [round(s.percent, 1) for s in st.values()] == [25.4, 8.6, 2.6, 1.4]
     assert [s.shared for s in overlap_stats(CUB_SIMILAR, CUB_SIMILAR).values()] == [17382] * 4
+
+
+def test_harness_build_choices_similar_resolves_the_strategy_by_name(siglip, tmp_path, monkeypatch, capsys):
+    """`harness build --choices similar` finds the strategy through the table alone (no module registers
+    it), and writes what the builder writes with the strategy object."""
+    import harness.cli
+
+    monkeypatch.setattr(harness.cli, "COMMANDS", ["harness.cli.build"])
+    root_map = cub_images(tmp_path / "img", 6, items_file=CUB_RANDOM)
+    old, new = root_map.split("=")
+    lst = tmp_path / "list.jsonl"
+    lst.write_text("".join(json.dumps({"image": it.image.replace(old, new), "label": it.label}) + "\n"
+                           for it in islice(read_items(CUB_RANDOM), 6)))
+    out = tmp_path / "items.jsonl"
+    assert harness.cli.main(["build", "--taxonomy", "cub", "--images", str(lst), "--out", str(out), "--choices",
+                             "similar", "--choices-option", f"model={siglip}", "--choices-option", "device=cpu",
+                             "--choices-option", "workers=1"]) == 0
+    assert "6 items, 24 questions" in capsys.readouterr().out
+    cub = load_taxonomy("cub")
+    strategy = SimilarDistractors(cub, str(siglip), device="cpu", workers=1)
+    refs = [ImageRef(r["image"], r["label"]) for r in map(json.loads, lst.read_text().splitlines())]
+    assert [orjson.loads(x) for x in out.read_bytes().splitlines()] == list(build_items(cub, refs, strategy))
