@@ -1,82 +1,35 @@
-"""`harness plan expand|status|run PLAN`: a study's grid (harness.study) through the `harness` CLI.
+"""`harness plan expand|status|run PLAN`: a study's grid (harness.study), from the command line.
 
-Each cell is one `harness` command line, run in-process by `CliRunner`: the study package expands and
-schedules cells, this module is what connects them to the commands.
+This module only parses arguments: the study package expands a plan into RunSpecs and runs them
+(harness.study.executor.SpecRunner); the run results are printed as `harness run` prints them.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
-import io
 import shlex
 import sys
 from collections.abc import Sequence
 
 import orjson
 
+from harness.cli.run import print_result
+from harness.runs.hierarchy import PRESETS
 from harness.study.cells import Expansion, cell_state, expand
-from harness.study.executor import Launcher, Outcome, launch_server
+from harness.study.executor import Launcher, Outcome, SpecRunner, launch_server
 from harness.study.executor import run_plan as _run_plan
 from harness.study.plan_spec import Vars, load_plan, parse_assignments
 
 
-class CliRunner:
-    """A cell's command line through the real `harness` CLI, in-process."""
-
-    @functools.cached_property
-    def _parser(self) -> argparse.ArgumentParser:
-        from harness.cli import build_parser
-
-        return build_parser()
-
-    def _subparsers(self) -> dict[str, argparse.ArgumentParser]:
-        for a in self._parser._actions:
-            if isinstance(a, argparse._SubParsersAction):
-                return dict(a.choices)
-        return {}
-
-    def commands(self) -> set[str]:
-        """Subcommands the `harness` CLI has right now (plugins that exist)."""
-        return set(self._subparsers())
-
-    def presets(self) -> list[str] | None:
-        """The `--preset` names `harness run` accepts (None when it has no such flag)."""
-        run = self._subparsers().get("run")
-        for a in run._actions if run is not None else ():
-            if "--preset" in a.option_strings and a.choices is not None:
-                return list(a.choices)
-        return None
-
-    def check(self, argv: Sequence[str]) -> str | None:
-        """The parser's complaint about `argv` (its last line), or None when it parses."""
-        err = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(err):
-                self._parser.parse_args(list(argv))
-        except SystemExit as e:
-            if e.code:
-                return err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else f"exit {e.code}"
-        return None
-
-    def run(self, argv: Sequence[str]) -> int:
-        """One cell through `harness.cli.main` (argparse errors become exit code 2)."""
-        from harness.cli import main
-
-        try:
-            return int(main(list(argv)) or 0)
-        except SystemExit as e:
-            return e.code if isinstance(e.code, int) else 2
-
-
-CLI = CliRunner()
+def _runner() -> SpecRunner:
+    return SpecRunner(on_result=print_result)
 
 
 def run_plan(exp: Expansion, *, endpoints: dict[str, list[str]] | None = None, launcher: Launcher = launch_server,
              fail_fast: bool = False, dry_run: bool = False, log=None) -> list[Outcome]:
-    """harness.study.executor.run_plan with the cells run by the `harness` CLI."""
-    return _run_plan(exp, CLI, endpoints=endpoints, launcher=launcher, fail_fast=fail_fast, dry_run=dry_run, log=log)
+    """harness.study.executor.run_plan with each run's result printed as `harness run` prints it."""
+    return _run_plan(exp, _runner(), endpoints=endpoints, launcher=launcher, fail_fast=fail_fast, dry_run=dry_run,
+                     log=log)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -89,7 +42,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _expansion(args, extra: Sequence[str] = ()) -> Expansion:
-    plan = load_plan(args.plan, presets=CLI.presets())
+    plan = load_plan(args.plan, presets=sorted(PRESETS))
     sets = {k: v[-1] for k, v in parse_assignments(args.set, "--set").items()}
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     return expand(plan.spec, variables=Vars(plan.spec, sets), models=models, out=args.out, limit=args.limit,
@@ -105,14 +58,18 @@ def _console():
 def _cmd_expand(args) -> int:
     exp = _expansion(args)
     if args.json:
-        sys.stdout.write(orjson.dumps([{"key": c.key, "out": str(c.out), "argv": ["harness", *c.command(["<ENDPOINT>"], None)],
-                                        "needs": list(c.needs)} for c in exp.cells], option=orjson.OPT_INDENT_2).decode() + "\n")
+        sys.stdout.write(orjson.dumps([{"key": c.key, "out": str(c.out), "argv": c.command_line(["<ENDPOINT>"], None),
+                                        "spec": c.spec.model_dump(mode="json") if c.spec else None,
+                                        "error": c.error, "needs": list(c.needs)} for c in exp.cells],
+                                      option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
     con = _console()
     con.print(f"[bold]{exp.plan.name}[/]: {len(exp.cells)} cells under {exp.out}", highlight=False)
     for c in exp.cells:
         con.print(f"[cyan]{c.key}[/]", highlight=False)
-        con.print("  harness " + shlex.join(c.command([f"<{c.model} endpoint>"], None)), highlight=False, soft_wrap=True)
+        con.print("  " + shlex.join(c.command_line([f"<{c.model} endpoint>"], None)), highlight=False, soft_wrap=True)
+        if c.error:
+            con.print(f"  [red]not accepted[/]: {c.error}", highlight=False, soft_wrap=True)
     for what, why in exp.skipped:
         con.print(f"[dim]not a cell: {what}: {why}[/]", highlight=False)
     return 0
@@ -122,8 +79,8 @@ def _cmd_status(args) -> int:
     from rich.table import Table
 
     exp = _expansion(args)
-    commands = CLI.commands()
-    states = [(c, cell_state(c, commands)) for c in exp.cells]
+    kinds = _runner().kinds()
+    states = [(c, cell_state(c, kinds, scores=True)) for c in exp.cells]
     if args.json:
         sys.stdout.write(orjson.dumps([{"key": c.key, "state": s.state, "detail": s.detail, "lines": s.lines, "hca": s.hca,
                                         "leaf_acc": s.leaf, "out": str(c.out)} for c, s in states],

@@ -1,23 +1,27 @@
 """Running a plan's cells: grouped by server, resumable, one server per model.
 
 A cell whose run.json says "done" is skipped without contacting any server, and a started cell resumes
-inside its command. Cells of one model run back to back against one server: an endpoint from the plan
-or `--endpoint NAME=URL`, or a server started once (harness.serving.launcher). The command of a cell
-is run by a `CellRunner` the caller passes in (the `harness` CLI in harness.cli.plan), so the study
-package does not depend on the command line.
+inside its run. Cells of one model run back to back against one server: an endpoint from the plan or
+`--endpoint NAME=URL`, or a server started once (harness.serving.launcher). A cell is a RunSpec; a
+`CellRunner` runs it, by default `SpecRunner` (the run lifecycle, harness.runs.execute, in-process).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import sys
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import orjson
 
+from harness.data.items import ItemError
+from harness.runs.execute import RunResult, execute
+from harness.runs.folder import ExitCode
+from harness.runs.spec import RunSpec
 from harness.serving.command import Backend, choose_backend
 from harness.serving.launcher import ServerStartError, start_server
 from harness.serving.profiles import ServerProfile, load_profile
@@ -29,28 +33,54 @@ __all__ = [
     "CellRunner",
     "LaunchUnavailable",
     "Outcome",
+    "SpecRunner",
     "launch_description",
     "launch_server",
     "run_plan",
 ]
 
-EXIT_FATAL = 4  # a cell's command: the endpoint refused (harness run's exit code for it)
+EXIT_FATAL = int(ExitCode.FATAL)  # a cell's run: the endpoint refused (model not served, bad key, ...)
 
 
 class CellRunner(Protocol):
-    """Runs the command line of a cell (the words after `harness`)."""
+    """Runs the RunSpec of a cell."""
 
-    def commands(self) -> Collection[str]:
-        """The subcommands that exist here (a cell whose command is missing is blocked, not failed)."""
+    def kinds(self) -> Collection[str]:
+        """The task kinds that can run here (a cell of another kind is blocked, not failed)."""
         ...
 
-    def check(self, argv: Sequence[str]) -> str | None:
-        """Why `argv` would be rejected before running (the parser's message), or None."""
+    def run(self, spec: RunSpec, *, quiet: bool = False) -> int:
+        """Run `spec` (resumable); its exit code (harness.runs.folder.ExitCode)."""
         ...
 
-    def run(self, argv: Sequence[str]) -> int:
-        """Run `argv`; its exit code."""
-        ...
+
+class SpecRunner:
+    """Cells through the run lifecycle in-process (`harness.runs.execute.execute`, what `harness.run`
+    calls). `on_result` sees each run's result (a console prints its lines); `on_error` the message
+    of a spec the lifecycle rejects before it starts (a missing file, invalid input)."""
+
+    def __init__(self, *, progress: bool = True, on_result: Callable[[RunResult], None] | None = None,
+                 on_error: Callable[[str], None] | None = None):
+        self.progress = progress
+        self.on_result = on_result
+        self.on_error = on_error or (lambda msg: print(f"harness plan: error: {msg}", file=sys.stderr, flush=True))
+
+    def kinds(self) -> set[str]:
+        """Hierarchy runs always; classification kinds when their experiment (harness.runs.classification) exists."""
+        out = {"hierarchy"}
+        if importlib.util.find_spec("harness.runs.classification") is not None:
+            out |= {"classify", "loglik", "wikiqa"}
+        return out
+
+    def run(self, spec: RunSpec, *, quiet: bool = False) -> int:
+        try:
+            result = execute(spec, progress=self.progress and not quiet, quiet_server=True)
+        except (ItemError, FileNotFoundError, ValueError, KeyError) as e:
+            self.on_error(str(e))
+            return int(ExitCode.INPUT)
+        if self.on_result is not None:
+            self.on_result(result)
+        return int(result.exit_code)
 
 
 class LaunchUnavailable(RuntimeError):
@@ -122,14 +152,16 @@ class Outcome:
     rc: int = 0
 
 
-def run_plan(exp: Expansion, runner: CellRunner, *, endpoints: dict[str, list[str]] | None = None,
+def run_plan(exp: Expansion, runner: CellRunner | None = None, *, endpoints: dict[str, list[str]] | None = None,
              launcher: Launcher = launch_server, fail_fast: bool = False, dry_run: bool = False,
              log: Callable[[str], None] | None = None) -> list[Outcome]:
-    """Run every cell that is not done with `runner`. Cells are grouped by server (same endpoint, or
-    same model to start) in plan order; a group whose cells are all done or blocked starts nothing."""
+    """Run every cell that is not done with `runner` (default: a `SpecRunner`). Cells are grouped by
+    server (same endpoint, or same model to start) in plan order; a group whose cells are all done or
+    blocked starts nothing."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    runner = runner or SpecRunner()
     endpoints = endpoints or {}
-    commands = set(runner.commands())
+    kinds = set(runner.kinds())
     outcomes: list[Outcome] = []
     groups: dict[tuple, list[Cell]] = {}
     given: dict[tuple, list[str]] = {}
@@ -143,13 +175,14 @@ def run_plan(exp: Expansion, runner: CellRunner, *, endpoints: dict[str, list[st
     for gk, cells in groups.items():
         todo: list[Cell] = []
         for c in cells:
-            st = cell_state(c, commands)
+            st = cell_state(c, kinds)
             if st.state == "done":
                 outcomes.append(Outcome(c.key, "skipped (done)"))
-            elif st.state == "blocked" or (st.state == "partial" and blocked_reason(c, commands)):
-                outcomes.append(Outcome(c.key, f"blocked: {blocked_reason(c, commands)}", 1))
-            elif (bad := runner.check(c.command(["http://127.0.0.1:9/v1"], "m"))) is not None:
-                outcomes.append(Outcome(c.key, f"failed: arguments not accepted by `harness {c.args[0]}`: {bad}", 2))
+            elif st.state == "blocked" or (st.state == "partial" and blocked_reason(c, kinds)):
+                outcomes.append(Outcome(c.key, f"blocked: {blocked_reason(c, kinds)}", 1))
+            elif c.error is not None:
+                outcomes.append(Outcome(c.key, f"failed: arguments not accepted by `harness {' '.join(c.command)}`: "
+                                               f"{c.error}", int(ExitCode.INPUT)))
             else:
                 todo.append(c)
         if not todo:
@@ -168,9 +201,9 @@ def run_plan(exp: Expansion, runner: CellRunner, *, endpoints: dict[str, list[st
                     c.out.mkdir(parents=True, exist_ok=True)
                     tax = next((b.taxonomy for b in exp.plan.benchmarks if b.name == c.benchmark), None)
                     (c.out / CELL_FILE).write_bytes(orjson.dumps(c.meta(exp.plan.name, e, tax), option=orjson.OPT_INDENT_2))
-                    argv = c.command(urls, e.model or served)
+                    spec = c.spec_for(urls, e.model or served)
                     log(f"harness plan: [{len(outcomes) + 1}/{len(exp.cells)}] {c.key}")
-                    rc = runner.run(argv)
+                    rc = runner.run(spec, quiet=c.quiet)
                     outcomes.append(Outcome(c.key, "done" if rc == 0 else f"failed (exit {rc})", rc))
                     if rc == 130:
                         raise KeyboardInterrupt

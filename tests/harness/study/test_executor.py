@@ -36,17 +36,14 @@ def _plan(tmp_path: Path, extra: str = "") -> Path:
 
 
 class FakeRunner:
-    def __init__(self, commands=("run",), complaint=None, rc=0):
-        self._commands, self.complaint, self.rc, self.ran = set(commands), complaint, rc, []
+    def __init__(self, kinds=("hierarchy",), rc=0):
+        self._kinds, self.rc, self.ran = set(kinds), rc, []
 
-    def commands(self):
-        return self._commands
+    def kinds(self):
+        return self._kinds
 
-    def check(self, argv):
-        return self.complaint
-
-    def run(self, argv):
-        self.ran.append(list(argv))
+    def run(self, spec, *, quiet=False):
+        self.ran.append(spec)
         return self.rc
 
 
@@ -55,17 +52,18 @@ def test_cells_are_run_by_the_injected_runner(tmp_path):
     runner = FakeRunner()
     out = executor.run_plan(exp, runner, log=lambda s: None)
     assert [(o.key, o.result) for o in out] == [("m/cub.similar.text.v1.generate.robust.n3", "done")]
-    (argv,) = runner.ran
-    assert argv[:5] == ["run", "--endpoint", "http://127.0.0.1:9/v1", "--model", "served-m"]
-    assert argv[argv.index("--limit") + 1] == "3" and argv[argv.index("--prompt-variant") + 1] == "1"
+    (spec,) = runner.ran
+    assert (spec.backend.endpoints, spec.model) == (["http://127.0.0.1:9/v1"], "served-m")
+    assert spec.limit == 3 and spec.task.prompt_variant == "1" and spec.task.mode == "text"
     assert (exp.cells[0].out / "plan-cell.json").is_file()
 
 
 def test_runner_decides_what_is_missing_rejected_or_failed(tmp_path):
     exp = cells.expand(plan_spec.load_plan(_plan(tmp_path)).spec)
-    out = executor.run_plan(exp, FakeRunner(commands=("report",)), log=lambda s: None)
+    out = executor.run_plan(exp, FakeRunner(kinds=("classify",)), log=lambda s: None)
     assert out[0].result == "blocked: `harness run` not available yet"
-    out = executor.run_plan(exp, FakeRunner(complaint="unrecognized arguments: --x"), log=lambda s: None)
+    bad = cells.expand(plan_spec.load_plan(_plan(tmp_path, 'args = ["--x"]')).spec)
+    out = executor.run_plan(bad, FakeRunner(), log=lambda s: None)
     assert out[0].result == "failed: arguments not accepted by `harness run`: unrecognized arguments: --x"
     out = executor.run_plan(exp, FakeRunner(rc=3), log=lambda s: None)
     assert (out[0].result, out[0].rc) == ("failed (exit 3)", 3)

@@ -167,20 +167,21 @@ def test_main_image_table_expands_to_the_papers_cells():
     assert len(exp.cells) == 36 and len({c.out for c in exp.cells}) == 36  # 6 open VLMs x 6 taxonomies
     assert _variants(exp) == IMAGE_VARIANTS
     c = next(c for c in exp.cells if c.key == "internvl2.5-8b/imagenet_animal.similar.image.v2.generate.reference")
-    assert "--profile" in c.args and "--prompt-variant" not in c.args  # the variant comes from the profile
-    assert c.args[c.args.index("--protocol") + 1] == "reference" and "${IMAGES}" in " ".join(c.args)
+    t = c.spec.task
+    assert t.profile == "internvl2.5-8b" and t.prompt_variant is None  # the variant comes from the profile
+    assert t.protocol == "reference" and "${IMAGES}" in " ".join(c.spec.image_root_map)
     assert c.needs == ("DATA", "IMAGES")
-    assert all("--max-side" in c.args for c in exp.cells if c.model.startswith("qwen"))
+    assert all(c.spec.max_side == 1680 for c in exp.cells if c.model.startswith("qwen"))
     with_gpt = _expand("hierarchy-image", models=[*IMAGE_VARIANTS, "gpt-4o"])  # paid API: opt-in only
     gpt = [c for c in with_gpt.cells if c.model == "gpt-4o"]
-    assert len(gpt) == 6 and all(c.variant == "preset" and "--preset" in c.args for c in gpt)
+    assert len(gpt) == 6 and all(c.variant == "preset" and c.spec.task.preset == "gpt-4o" for c in gpt)
 
 
 def test_text_og_llm_and_prompt_plans():
     text = _expand("hierarchy-text")
     assert len(text.cells) == 30 and {c.mode for c in text.cells} == {"text"}
     assert _variants(text) == {m: VLM_TEXT for m in IMAGE_VARIANTS}
-    assert all("--image-root-map" not in c.args for c in text.cells)
+    assert all(c.spec.image_root_map == [] for c in text.cells)
     og = _expand("hierarchy-og-llm")
     assert len(og.cells) == 20 and _variants(og) == OG_TEXT
     rob = _expand("hierarchy-prompts")
@@ -194,14 +195,18 @@ def test_text_og_llm_and_prompt_plans():
 
 
 def test_cell_arguments_give_the_profiles_settings(tmp_path):
-    """A CUB cell's command line, parsed by the real `harness run`, yields the paper's settings."""
+    """A CUB cell's RunSpec yields the paper's settings, and its printed command line, parsed by the real
+    `harness run`, is the same spec."""
     from harness.cli import build_parser
-    from harness.cli.run import build_settings
+    from harness.cli.run import spec_from_args
+    from harness.runs.hierarchy import resolve
 
     exp = _expand("hierarchy-text", only=["qwen2.5-vl-7b/cub.*"], out=str(tmp_path))
     (cell,) = exp.cells
-    args = build_parser().parse_args(cell.command(["http://127.0.0.1:9/v1"], "Qwen/Qwen2.5-VL-7B-Instruct"))
-    st = build_settings(args, "Qwen/Qwen2.5-VL-7B-Instruct")
+    spec = cell.spec_for(["http://127.0.0.1:9/v1"], "Qwen/Qwen2.5-VL-7B-Instruct")
+    line = cell.command_line(["http://127.0.0.1:9/v1"], "Qwen/Qwen2.5-VL-7B-Instruct")
+    assert spec_from_args(build_parser().parse_args(line[1:])) == spec
+    st = resolve(spec, "Qwen/Qwen2.5-VL-7B-Instruct")
     assert (st.prompt.mode, st.prompt.variant, st.prompt.system, st.max_tokens, st.parser) == ("text", 1, "helpful", 5, "reference")
     assert st.data == str(CUB_DIR / "CUB200_with_similar_choice.jsonl")
 
@@ -212,7 +217,8 @@ def test_classification_sweep_cells():
     assert [c.axes for c in exp.cells[:5]] == [(("k", k),) for k in ("2", "5", "20", "100", "all")]
     c = exp.cells[4]
     assert c.key == "llava-1.5-7b/imagenet.test.reference.kall"
-    assert c.args[:1] == ("classify",) and c.args[-2:] == ("--k", "all") and "--classes" in c.args
+    assert c.command[:1] == ("classify",) and c.spec.task.kind == "classify" and c.spec.task.k == "all"
+    assert c.spec.task.classes and c.error is None
     assert c.mode is None and c.variant is None
 
 
@@ -390,13 +396,12 @@ def test_a_server_error_stops_that_servers_cells_only(tmp_path):
 
 
 def _classify_available() -> bool:
-    return "classify" in cli_plan.CLI.commands()
+    return "classify" in executor.SpecRunner().kinds()
 
 
-@pytest.mark.skipif(not _classify_available(), reason="`harness classify` not built yet")
 def test_shipped_classification_cells_are_accepted_by_harness_classify():
     exp = _expand("classify-label-size")
-    bad = {c.key: cli_plan.CLI.check(c.command(["http://127.0.0.1:9/v1"], "m")) for c in exp.cells}
+    bad = {c.key: c.error for c in exp.cells}
     assert {k: v for k, v in bad.items() if v} == {}
 
 
@@ -437,4 +442,5 @@ args = ["--classes", "{tmp_path / 'classes.json'}"]
         assert st.stub.requests == asked == 12  # 6 images x 2 cells, then nothing
     assert [o.result for o in first] == ["done", "done"] and [o.result for o in again] == ["skipped (done)"] * 2
     recs = [orjson.loads(x) for x in (tmp_path / "out/m/mini.test.reference.k2/results.jsonl").read_bytes().splitlines()]
-    assert len(recs) == 6 and all(r["k"] == 2 and r["label"] in r["choices"] for r in recs)
+    offered = [list(r["choices"].values()) if isinstance(r["choices"], dict) else r["choices"] for r in recs]
+    assert len(recs) == 6 and all(r["k"] == 2 and r["label"] in o for r, o in zip(recs, offered, strict=True))
