@@ -79,7 +79,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: the training dtype")
     m.set_defaults(func=cmd_merge)
 
-    s = sub.add_parser("serve", help="`harness serve PROFILE` with the adapter added (vLLM --enable-lora)")
+    s = sub.add_parser("serve", help="vLLM with the base model's profile and the adapter added (--enable-lora)")
     s.add_argument("--adapter", required=True, help="adapter folder (RUN/adapter)")
     s.add_argument("--profile", required=True, help="the base model's serving profile")
     s.add_argument("--name", default="tuned", help="model name of the adapter in requests")
@@ -89,7 +89,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("compare", formatter_class=fmt,
-                       help="visual and text HCA of base vs tuned (four `harness run`s and the deltas)")
+                       help="visual and text HCA of base vs tuned (four runs and the deltas)")
     c.add_argument("--data", required=True, help="held-out items (items_eval.jsonl of `finetune data`)")
     c.add_argument("--out", required=True)
     c.add_argument("--base-model", required=True, help="served name of the base model (or a local path)")
@@ -202,29 +202,71 @@ def cmd_merge(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from finetune.serve import lora_args
-    from harness.cli import main as cli_main
+    """The base model's vLLM command (its serving profile, harness.serving) with the adapter's LoRA flags."""
+    import os
+    import shlex
 
-    argv = ["serve", args.profile]
-    if args.model_path:
-        argv += ["--model-path", args.model_path]
-    if args.dry_run:
-        argv.append("--dry-run")
-    argv += ["--", *lora_args(args.adapter, args.name), *_rest(args.vllm_args)]
+    from finetune.serve import lora_args
+    from harness.serving.command import default_launcher, vllm_available, vllm_command
+    from harness.serving.profiles import API_KEY_ENV, ProfileError, load_profile
+
+    try:
+        prof = load_profile(args.profile)
+    except ProfileError as e:
+        print(f"harness finetune serve: {e}", file=sys.stderr)
+        return 2
+    if args.model_path and not Path(args.model_path).exists():
+        print(f"harness finetune serve: --model-path {args.model_path}: no such folder", file=sys.stderr)
+        return 2
+    argv = vllm_command(prof, model=args.model_path, extra=[*lora_args(args.adapter, args.name), *_rest(args.vllm_args)],
+                        launcher="cli" if args.dry_run else default_launcher())
     print(f"# the adapter answers as model {args.name!r}: harness run --model {args.name} ...", file=sys.stderr)
-    return cli_main(argv)
+    key_set = bool(os.environ.get(API_KEY_ENV))
+    if args.dry_run:
+        print(shlex.join(argv))
+        state = "set" if key_set else "NOT set: the server would accept requests without a key"
+        print(f"# API key: read from ${API_KEY_ENV}, {state}", file=sys.stderr)
+        return 0
+    if not vllm_available():
+        print("harness finetune serve: vLLM is not installed in this environment (pip install vllm on a GPU machine); "
+              "to see the command: add --dry-run", file=sys.stderr)
+        return 2
+    if not key_set:
+        print(f"harness finetune serve: warning: ${API_KEY_ENV} is not set; the server accepts requests without a key",
+              file=sys.stderr)
+    print("+ " + shlex.join(argv), file=sys.stderr, flush=True)
+    os.execvpe(argv[0], argv, dict(os.environ))  # replaced by vLLM: signals reach it directly
+    return 0  # not reached
+
+
+def _run_options(data: str, out: str, run_args: list[str]) -> tuple[dict, bool]:
+    """The `harness run` options after `--` as RunSpec fields (parsed as `harness run` parses them),
+    and whether `--quiet` was given."""
+    from harness.cli.run import add_run_arguments, spec_from_args
+    from harness.cli.spec_errors import validated
+
+    p = argparse.ArgumentParser(prog="harness finetune compare ... --", add_help=False)
+    add_run_arguments(p)
+    ns = p.parse_args(["--data", data, "--out", out, *run_args])
+    spec = validated(spec_from_args, ns)
+    return spec.model_dump(mode="json", exclude={"out", "data", "model"}), bool(ns.quiet)
 
 
 def cmd_compare(args) -> int:
     from finetune.compare import Side, compare, to_markdown_deltas
+    from harness.cli.run import print_result
 
     base = Side("base", args.base_model, tuple(args.endpoint))
     tuned = Side("tuned", args.tuned_model, tuple(args.tuned_endpoint or args.endpoint))
-    res = compare(base, tuned, args.data, args.out, modes=_modes(args.modes), run_args=_rest(args.run_args))
+    options, quiet = _run_options(args.data, args.out, _rest(args.run_args))
+    res = compare(base, tuned, args.data, args.out, modes=_modes(args.modes), options=options, progress=not quiet,
+                  on_result=lambda name, r: print_result(r))
     print(to_markdown_deltas(res["deltas"]), end="")
     if "text_gain_minus_visual_gain" in res:
         print(f"text HCA gain minus visual HCA gain: {res['text_gain_minus_visual_gain']:+.2f} points")
     print(f"-> {Path(args.out) / 'compare.md'}, {Path(args.out) / 'compare.json'}")
+    for name, msg in res.get("errors", {}).items():
+        print(f"harness finetune compare: {name}: {msg}", file=sys.stderr)
     bad = {k: v for k, v in res["exit_codes"].items() if v}
     if bad:
         print(f"harness finetune compare: runs with a non-zero exit: {bad}", file=sys.stderr)

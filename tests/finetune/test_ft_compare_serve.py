@@ -1,4 +1,4 @@
-"""The before/after comparison through `harness run` (loopback stubs), and the vLLM LoRA serve command."""
+"""The before/after comparison through four RunSpec runs (loopback stubs), and the vLLM LoRA serve command."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_compare_runs_four_evaluations_and_reports_the_deltas(items, tmp_path, m
         assert "| image |" in md and "| text |" in md and "Δ HCA" in md
         # running it again resumes every run: nothing is asked twice
         compare(Side("base", "base", (b.url,)), Side("tuned", "tuned", (t.url,)), items, out,
-                run_args=["--image-root-map", f"{AUTHORS_PREFIX}={root}", "--quiet"])
+                options={"image_root_map": [f"{AUTHORS_PREFIX}={root}"]})
         assert b.stub.requests + t.stub.requests == asked
 
 
