@@ -19,7 +19,7 @@ COMMANDS = [
     "harness.cli.build",
     "harness.cli.batch",
     "harness.cli.serve",
-    "harness.demo",
+    "harness.cli.demo",
     "harness.cli.clip",
     "harness.cli.classify",
     "harness.cli.plan",
