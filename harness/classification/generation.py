@@ -1,9 +1,11 @@
 """Classification by generation: open world, closed world (K candidates), and the thesis's N-way.
 
-One result line an image: qid, item (image path as in the file), line, label, k, choices (the K
-candidates in prompt order; "all" when every class is offered), question, raw (the completion),
-pred (what is scored: the completion stripped; for raw templates the reference's cut after the
-template's marker), error, tokens.
+One result line an image, in the shared result schema (DESIGN.md section 4): qid, item (image path as
+in the file), level (null), truth (the label), choices (letter -> candidate, in prompt order; null for
+the open world and when every class is offered), letter (null: answers name a class, the scorers map
+them), prediction (= pred), raw, error; and the experiment's fields: line, label, k, candidates (the K
+candidates in prompt order; "all" when every class is offered), question, pred (what is scored: the
+completion stripped; for raw templates the reference's cut after the template's marker), tokens.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from harness.classification.datasets import ClassItem
-from harness.classification.loop import Group
 from harness.classification.prompts import (
     candidate_stream,
     catalogue,
@@ -22,6 +23,7 @@ from harness.classification.prompts import (
     open_question,
 )
 from harness.classification.requests import Style, completion_text, generation_request, usage_tokens
+from harness.engine.core import Group, Unit
 
 TaskName = Literal["open", "closed", "nway"]
 
@@ -55,15 +57,40 @@ def qid_of(item: ClassItem) -> str:
     return f"{item.line}:{item.key}"
 
 
+def letters(n: int) -> list[str]:
+    """A, B, ..., Z, AA, AB, ... (spreadsheet order): the letters of n candidates."""
+    out = []
+    for i in range(n):
+        s = ""
+        i += 1
+        while i:
+            i, r = divmod(i - 1, 26)
+            s = chr(65 + r) + s
+        out.append(s)
+    return out
+
+
+def lettered(candidates: list[str] | None) -> dict[str, str] | None:
+    return None if candidates is None else dict(zip(letters(len(candidates)), candidates))
+
+
+def candidates_of(rec: dict) -> list[str] | str | None:
+    """The candidate list of a result line (older folders kept it under `choices`)."""
+    if "candidates" in rec:
+        return rec["candidates"]
+    ch = rec.get("choices")
+    return None if isinstance(ch, dict) else ch
+
+
 class GenerationTask:
-    """Loop task: one request per image."""
+    """Engine task: one request per image."""
 
     def __init__(self, style: Style, *, cot: bool, n_classes: int):
         self.style, self.cot, self.n_classes = style, cot, n_classes
         self.cot_sentence = catalogue()["generation"]["cot"]
 
-    def group(self, q: Question) -> Group:
-        return Group(qid_of(q.item), q.item.image, 1, q)
+    def unit(self, q: Question) -> Unit:
+        return Unit(q.item.image, [Group(qid_of(q.item), 1, q)])
 
     def request(self, group: Group, i: int, image) -> tuple[str, dict]:
         path, body, _ = generation_request(self.style, group.data.text, image, cot=self.cot,
@@ -80,25 +107,27 @@ class GenerationTask:
 
     def _base(self, group: Group) -> dict:
         q: Question = group.data
-        choices: list[str] | str | None = q.choices
+        cands: list[str] | str | None = q.choices
         if q.choices is not None and len(q.choices) >= self.n_classes:
-            choices = "all"  # every class: the order is reproducible from the stream, not worth 10 kB a line
-        return {"qid": group.qid, "item": q.item.key, "line": q.item.line, "label": q.item.label,
-                "k": None if q.choices is None else len(q.choices), "choices": choices,
-                "question": None if choices == "all" else q.text}
+            cands = "all"  # every class: the order is reproducible from the stream, not worth 10 kB a line
+        return {"qid": group.qid, "item": q.item.key, "level": None, "truth": q.item.label,
+                "choices": lettered(cands) if isinstance(cands, list) else None, "letter": None,
+                "line": q.item.line, "label": q.item.label, "k": None if q.choices is None else len(q.choices),
+                "candidates": cands, "question": None if cands == "all" else q.text}
 
     def record(self, group: Group, answers: list) -> dict:
-        return self._base(group) | answers[0] | {"error": None}
+        ans = answers[0]
+        return self._base(group) | {"prediction": ans["pred"]} | ans | {"error": None}
 
     def error_record(self, group: Group, error: str) -> dict:
-        return self._base(group) | {"raw": None, "pred": None, "error": error}
+        return self._base(group) | {"prediction": None, "raw": None, "pred": None, "error": error}
 
 
 # ---------------------------------------------------------------- scoring a run
 
 def latest_records(path) -> list[dict]:
     """Result lines, the last line of each qid winning (--retry-errors appends)."""
-    from harness.runs.results import iter_records
+    from harness.metrics.readers import iter_records
 
     latest: dict[str, dict] = {}
     for rec in iter_records(path):
@@ -135,7 +164,7 @@ def score_run(records: list[dict], classes: list[str], *, synonyms: dict[str, li
         how: dict[str, int] = {}
         preds: list[str | None] = []
         for r in records:
-            ch = r.get("choices")
+            ch = candidates_of(r)
             cands = uniq if ch in (None, "all") else ch
             lab, h = map_answer(r.get("pred"), cands, mapper, direct_rule, index)  # type: ignore[arg-type]
             how[h] = how.get(h, 0) + 1

@@ -25,6 +25,11 @@ the plain score) and the paper's image-free prior (a S + (1-a) S(no image)), for
 Requests are chat requests with `continue_final_message` (the model's chat template), or with the
 reference's raw prompt as the request's `chat_template` (`raw`; the image-free prior then uses the raw
 prompt with the image placeholder removed).
+
+Result lines follow the shared schema (DESIGN.md section 4): qid, item, level (null), truth (the label),
+choices (null: every class is scored), letter (null), prediction (the class with the highest mean
+log-prob), raw (null), error; plus line, label, lp (per class, its tokens' log-probs), prefix_tokens,
+requests, and misaligned / tokens_differ when any. The image-free prior is the line with qid "prior".
 """
 
 from __future__ import annotations
@@ -33,10 +38,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from harness.classification.loop import Group, GroupError, post_root
+from harness.backends.http import FatalError, RetryableError, RetryPolicy
 from harness.classification.prompts import ASSISTANT_SLOT, RawTemplate, raw_chat_template, strip_image
 from harness.classification.requests import user_message
-from harness.backends.http import FatalError, RetryableError
+from harness.engine.core import Group, GroupError, Unit
+from harness.engine.fanout import with_retries
 
 PRIOR_QID = "prior"
 Method = Literal["trie", "prompt-logprobs"]
@@ -151,7 +157,7 @@ class TriePlan:
 
 
 class LoglikTask:
-    """Loop task: per image (or the image-free prior) a head request on the prefix, then the trie nodes
+    """Engine task: per image (or the image-free prior) a head request on the prefix, then the trie nodes
     (method `trie`) or one request per class (`prompt-logprobs`)."""
 
     def __init__(self, style: LoglikStyle, classes: Sequence[str], method: Method = "trie"):
@@ -162,20 +168,27 @@ class LoglikTask:
         self.class_ids: list[tuple[int, ...] | None] = [None] * len(self.classes)
 
     # ------------------------------------------------------------------ planning (trie)
-    async def prepare(self, client) -> None:
-        """Tokenise prefix and prefix + class (text only) and find each trie node's text, via the server."""
+    async def prepare(self, backend, retry: RetryPolicy | None = None) -> None:
+        """Tokenise prefix and prefix + class (text only) and find each trie node's text, via the server
+        (`backend.post_root`: vLLM's /tokenize and /detokenize, retried like every engine request)."""
         if self.method != "trie":
             return
         import asyncio
 
         s = self.style
 
+        async def post_root(path: str, body: dict) -> dict:
+            try:
+                return await with_retries(lambda: backend.post_root(path, body), retry or RetryPolicy())
+            except RetryableError as e:
+                raise FatalError(f"{path}: gave up after retries: {e.reason}") from None
+
         async def tok(answer: str) -> list[int]:
             body = {"model": s.model, "messages": s.messages(None, answer)} | s.chat_fields(False)
-            return list((await post_root(client, "/tokenize", body))["tokens"])
+            return list((await post_root("/tokenize", body))["tokens"])
 
         async def detok(ids: Sequence[int]) -> str:
-            return str((await post_root(client, "/detokenize", {"model": s.model, "tokens": list(ids)}))["prompt"])
+            return str((await post_root("/detokenize", {"model": s.model, "tokens": list(ids)}))["prompt"])
 
         sem = asyncio.Semaphore(32)
 
@@ -215,8 +228,9 @@ class LoglikTask:
             return len(self.plan.nodes) + len(self.plan.fallback)
         return 1 + len(self.classes)
 
-    def group(self, qid: str, image: str | None, data: dict) -> Group:
-        return Group(qid, image, self._n(), data, head=True)
+    def unit(self, qid: str, image: str | None, data: dict) -> Unit:
+        """One image (None: the image-free prior) and its group: the head request, then the rest."""
+        return Unit(image, [Group(qid, self._n(), data, head=True)])
 
     def _kind(self, i: int) -> tuple[str, Any]:
         """("head", None) | ("node", node ids) | ("class", class index) of request i."""
@@ -253,14 +267,14 @@ class LoglikTask:
     def interpret(self, group: Group, i: int, resp: dict, head: Any) -> Any:
         ids, plp = _prompt_fields(resp)
         if ids is None:
-            raise FatalError("the endpoint returned no prompt_token_ids: log-likelihood scoring needs vLLM "
+            raise FatalError("log-likelihood scoring needs vLLM: the endpoint returned no prompt_token_ids "
                              "(`return_token_ids`, `prompt_logprobs` / `logprob_token_ids`)")
         kind, what = self._kind(i)
         if self.method == "trie" and head is not None:
             head = head[0]  # the head's answer is (prompt ids, root log-probs)
         if kind == "class":
             if plp is None:
-                raise FatalError("the endpoint returned no prompt_logprobs: log-likelihood scoring needs vLLM")
+                raise FatalError("log-likelihood scoring needs vLLM: the endpoint returned no prompt_logprobs")
             return class_logprobs(head, ids, plp)
         if self.method != "trie":
             return list(ids)
@@ -305,16 +319,25 @@ class LoglikTask:
                 self.class_ids[c] = a.ids
             elif self.class_ids[c] != a.ids:
                 changed.append(c)
-        rec = dict(group.data) | {"qid": group.qid, "prefix_tokens": len(head), "requests": group.n, "lp": lp,
-                                  "error": None}
+        pred = None
+        if group.qid != PRIOR_QID and lp:
+            means = [sum(t) / len(t) if t else float("-inf") for t in lp]
+            pred = self.classes[max(range(len(means)), key=lambda c: (means[c], -c))]  # ties: the lower index
+        rec = self._base(group) | {"prediction": pred, "prefix_tokens": len(head), "requests": group.n, "lp": lp,
+                                   "error": None}
         if misaligned:
             rec["misaligned"] = misaligned
         if changed:
             rec["tokens_differ"] = changed  # class tokens differ from the first image's: context-dependent
         return rec
 
+    def _base(self, group: Group) -> dict:
+        d = group.data
+        return {"qid": group.qid, "item": d.get("item"), "level": None, "truth": d.get("label"), "choices": None,
+                "letter": None, "raw": None} | dict(d)
+
     def error_record(self, group: Group, error: str) -> dict:
-        return dict(group.data) | {"qid": group.qid, "lp": None, "error": error}
+        return self._base(group) | {"prediction": None, "lp": None, "error": error}
 
 
 # ---------------------------------------------------------------- scoring
@@ -384,6 +407,22 @@ def score_run(records: Iterable[dict], classes: Sequence[str], alphas: Sequence[
     out["cost_per_image"] = {"reference_forwards": 1 + int(sum(n_tok)),
                              "requests": float(np.mean(n_req)) if n_req else 1 + len(classes)}
     return out
+
+
+def per_class_top1(records: Iterable[dict], classes: Sequence[str]) -> dict[str, float]:
+    """Per-class top-1 accuracy of the mean score (the reference's main log-likelihood score)."""
+    import numpy as np
+
+    from harness.classification.metrics import per_class_accuracy
+
+    labels, hits = [], []
+    for r in records:
+        if r.get("qid") == PRIOR_QID or r.get("lp") is None:
+            continue
+        means = np.array([sum(t) / len(t) for t in r["lp"]])
+        labels.append(r["label"])
+        hits.append(classes[int(np.argmax(means))] == r["label"])
+    return per_class_accuracy(labels, hits)
 
 
 def _a(a: float) -> str:

@@ -16,13 +16,12 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
-
-import tomllib
 
 from harness.classification.datasets import ClassItem, unique
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from harness.classification.prompts import RawTemplate, raw_chat_template, strip_image
 from harness.backends.http import RetryableError
-from harness.engine.images import ImagePayload
+from harness.backends.images import ImagePayload
+from harness.classification.prompts import RawTemplate, raw_chat_template, strip_image
 
 RequestKind = Literal["chat", "raw"]
 

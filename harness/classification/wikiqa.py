@@ -10,6 +10,10 @@ Parsers: `reference` is MMMU's (strip punctuation; "(X)", else " X ", else optio
 over five words; several -> the right-most; none -> random.choice with random.seed(1234) over the
 file, counted and labelled as `random`); `robust` (harness.prompts.parsing.parse_robust, then the same on the
 text after the last answer cue) never guesses and counts what it cannot read.
+
+Result lines follow the shared schema (DESIGN.md section 4): qid, item, level (null), truth (the right
+letter), choices (= options, letter -> text), letter (the robust parser's letter, or null), prediction
+(= pred, the scored text), raw, error; plus line, label, classname, options, control, pred, tokens.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from harness.classification.datasets import WikiItem
-from harness.classification.loop import Group
 from harness.classification.prompts import catalogue
 from harness.classification.requests import Style, completion_text, generation_request, usage_tokens
 from harness.classification.scoring import final_answer
+from harness.engine.core import Group, Unit
 from harness.prompts.parsing import parse_robust
 
 Control = Literal["none", "classname", "noimage"]
@@ -94,9 +98,9 @@ class WikiQATask:
         self.style, self.cot, self.control = style, cot, control
         self.cot_sentence = catalogue()["wikiqa"]["cot"]
 
-    def group(self, item: WikiItem) -> Group:
+    def unit(self, item: WikiItem) -> Unit:
         image = None if self.control != "none" else item.image
-        return Group(f"{item.line}:{item.key}", image, 1, item)
+        return Unit(image, [Group(f"{item.line}:{item.key}", 1, item)])
 
     def request(self, group: Group, i: int, image) -> tuple[str, dict]:
         path, body, _ = generation_request(self.style, item_text(group.data, self.control), image, cot=self.cot,
@@ -113,14 +117,17 @@ class WikiQATask:
 
     def _base(self, group: Group) -> dict:
         it: WikiItem = group.data
-        return {"qid": group.qid, "item": it.key, "line": it.line, "label": it.label, "classname": it.classname,
-                "options": it.options, "control": self.control}
+        return {"qid": group.qid, "item": it.key, "level": None, "truth": it.label, "choices": it.options,
+                "line": it.line, "label": it.label, "classname": it.classname, "options": it.options,
+                "control": self.control}
 
     def record(self, group: Group, answers: list) -> dict:
-        return self._base(group) | answers[0] | {"error": None}
+        ans = answers[0]
+        letter = robust_parse(ans["pred"], group.data.options)
+        return self._base(group) | {"letter": letter, "prediction": ans["pred"]} | ans | {"error": None}
 
     def error_record(self, group: Group, error: str) -> dict:
-        return self._base(group) | {"raw": None, "pred": None, "error": error}
+        return self._base(group) | {"letter": None, "prediction": None, "raw": None, "pred": None, "error": error}
 
 
 def score_run(records: Sequence[dict], seed: int = 1234) -> dict:

@@ -21,15 +21,45 @@ def add_cli(sub) -> None:
     r.set_defaults(func=cmd_report)
 
 
+def _name(p: str) -> str:
+    q = Path(p)
+    return str(q.parent if q.name == "results.jsonl" else q).rstrip("/") or str(q)
+
+
+def _classification(path: str) -> dict | None:
+    """The summary of a classification run folder (classify, loglik, wikiqa), else None."""
+    from harness.runs.report import CLASSIFICATION_KINDS, run_kind
+
+    kind = run_kind(path)
+    if kind not in CLASSIFICATION_KINDS and kind != "generation":  # generation: classify, older folders
+        return None
+    from harness.runs.classification import OLD_KINDS, summarize_folder
+
+    p = Path(path)
+    return {"kind": OLD_KINDS.get(kind, kind)} | summarize_folder(p if p.is_dir() else p.parent)
+
+
 def cmd_report(args) -> int:
-    results = rows(args.paths, args.score_from)
+    cls = {p: s for p in args.paths if (s := _classification(p)) is not None}
+    hier = [p for p in args.paths if p not in cls]
+    results = rows(hier, args.score_from) if hier else []
+    by_path = dict(zip(hier, results))
     if args.csv:
         Path(args.csv).write_text(to_csv(results))
     if args.markdown:
         Path(args.markdown).write_text(to_markdown(results))
     if args.json:
-        objs = [s.to_json() | {"run": name} for name, s in results]
-        sys.stdout.write(orjson.dumps(objs[0] if len(objs) == 1 else objs, option=orjson.OPT_INDENT_2).decode() + "\n")
+        objs = [cls[p] | {"run": _name(p)} if p in cls else by_path[p][1].to_json() | {"run": by_path[p][0]}
+                for p in args.paths]
+        sys.stdout.write(orjson.dumps(objs[0] if len(objs) == 1 else objs, option=orjson.OPT_INDENT_2
+                                      | orjson.OPT_SERIALIZE_NUMPY).decode() + "\n")
     else:
-        render_table(results)
+        if results:
+            render_table(results)
+        if cls:
+            from harness.runs.classification import summary_lines
+
+            for p, s in cls.items():
+                print(f"== {_name(p)} ({s['kind']})")
+                print("\n".join(summary_lines(s["kind"], s)))
     return 0

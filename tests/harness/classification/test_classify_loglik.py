@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness.classification.loglik import PRIOR_QID, class_logprobs, score_run
 from harness.backends.http import RetryableError
+from harness.classification.loglik import PRIOR_QID, class_logprobs, score_run
 
 
 def _plp(ids, lps):
@@ -128,10 +128,9 @@ class CharModel:
 
 
 def _run_task(task, model, image="img.png"):
-    from harness.classification.loop import Group  # noqa: F401
-    from harness.engine.images import ImagePayload
+    from harness.backends.images import ImagePayload
 
-    g = task.group("q", image, {"item": image, "label": task.classes[0]})
+    g = task.unit("q", image, {"item": image, "label": task.classes[0]}).groups[0]
     payload = ImagePayload("data:,", "u", 0, None)
     answers = []
     for i in range(g.n):
@@ -164,7 +163,7 @@ def test_trie_and_prompt_logprobs_give_the_same_scores():
 
 def test_trie_fallback_for_misaligned_classes_and_alignment_errors():
     from harness.classification.loglik import LoglikStyle, LoglikTask, TriePlan
-    from harness.classification.loop import GroupError
+    from harness.engine.core import GroupError
 
     style = LoglikStyle(model="m", question="Q?", prefix="a")
     prefix = [1, 2, 3]

@@ -63,14 +63,14 @@ def test_closed_world_run_scores_and_resumes(data, tmp_path):
         assert _gen(data, out, st.url, "--task", "closed", "--k", 3) == 0
         lines = _lines(out / "results.jsonl")
         assert len(lines) == 20 and stub.requests == 20  # the test split only
-        assert all(x["label"] in x["choices"] and len(x["choices"]) == 3 and x["error"] is None for x in lines)
-        assert all(x["pred"] == f"It is a {x['choices'][0]}." for x in lines)
+        assert all(x["label"] in x["candidates"] and len(x["candidates"]) == 3 and x["error"] is None for x in lines)
+        assert all(x["pred"] == f"It is a {x['candidates'][0]}." for x in lines)
         summary = json.loads((out / "summary.json").read_text())
-        expected = sum(x["choices"][0] == x["label"] for x in lines)
+        expected = sum(x["candidates"][0] == x["label"] for x in lines)
         assert summary["corrected"]["correct"] == expected and summary["exact"]["correct"] == 0  # "It is a X."
         assert summary["mapping"]["how"] == {"direct": 20}
         manifest = json.loads((out / "run.json").read_text())
-        assert manifest["kind"] == "generation" and manifest["status"] == "done"
+        assert manifest["kind"] == "classify" and manifest["status"] == "done"
         assert manifest["settings"]["k"] == 3 and manifest["settings"]["stream"] == "hashed"
         # resume: nothing asked again
         assert _gen(data, out, st.url, "--task", "closed", "--k", 3) == 0
@@ -86,8 +86,8 @@ def test_reference_stream_survives_interruption(data, tmp_path):
         assert _gen(data, a, st.url, "--task", "closed", "--k", 4, "--protocol", "reference", "--limit", 5) == 0
         assert _gen(data, a, st.url, "--task", "closed", "--k", 4, "--protocol", "reference", "--limit", 12) == 0
         assert _gen(data, b, st.url, "--task", "closed", "--k", 4, "--protocol", "reference", "--limit", 12) == 0
-    ca = {x["qid"]: x["choices"] for x in _lines(a / "results.jsonl")}
-    cb = {x["qid"]: x["choices"] for x in _lines(b / "results.jsonl")}
+    ca = {x["qid"]: x["candidates"] for x in _lines(a / "results.jsonl")}
+    cb = {x["qid"]: x["candidates"] for x in _lines(b / "results.jsonl")}
     assert len(ca) == 12 and ca == cb
 
 
@@ -173,7 +173,7 @@ def test_score_and_freq_commands(data, tmp_path, capsys):
     capsys.readouterr()
     assert classify("score", run, "--json", "--synonyms", syn) == 0
     s = json.loads(capsys.readouterr().out)
-    assert s["kind"] == "generation" and s["n"] == 20 and set(s["per_class"]) == set(CLASSES)
+    assert s["kind"] == "classify" and s["n"] == 20 and set(s["per_class"]) == set(CLASSES)
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in
                               ["a bird and a cat", "the cat sat", "a red fox", "cat", "goldfish bowl"]))
