@@ -1,5 +1,5 @@
 """Shared pieces of the client benchmarks: synthetic items from the shipped CUB file, and an Engine
-set up the way `harness run` sets it up (runner.add_cli -> build_settings -> _work -> Engine)."""
+set up the way `harness run` sets it up (cli.run.spec_from_args -> HierarchyExperiment -> Engine)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ from typing import Self
 
 import orjson
 
-from harness.runs import runner
 from harness.backends.http import Client, RetryPolicy
-from harness.engine.core import Decoding, Engine
-from harness.data.items import ReadReport
-from harness.engine.pricing import price_for
+from harness.cli import run as run_cli
+from harness.engine.core import Engine
+from harness.runs.hierarchy import HierarchyExperiment
 from harness.runs.results import ResultStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,19 +57,21 @@ def write_items(path: Path, n_items: int, images: list[str] | None = None, uniqu
 def run_args(url: str, data: Path, out: Path, *, mode: str, concurrency: int, extra: list[str] = ()) -> argparse.Namespace:
     """The argparse namespace `harness run` would get."""
     ap = argparse.ArgumentParser()
-    runner.add_cli(ap.add_subparsers())
+    run_cli.add_cli(ap.add_subparsers())
     return ap.parse_args(["run", "--endpoint", url, "--model", MODEL, "--data", str(data), "--out", str(out),
                           "--mode", mode, "--taxonomy", "cub", "--concurrency", str(concurrency), "--quiet", *extra])
 
 
 class HarnessRun:
-    """Engine + work iterator as runner._run_async builds them (no rate limits, cache or cost cap).
+    """Engine + units as harness.runs.execute builds them (no rate limits, cache or cost cap).
     Use inside a running event loop: `async with HarnessRun(...) as h: stats = await h.run()`."""
 
     def __init__(self, args: argparse.Namespace, *, dedupe: bool | None = None):
         self.args = args
-        self.settings = runner.build_settings(args, MODEL)
-        self.dedupe = self.settings.prompt.mode == "text" if dedupe is None else dedupe
+        self.spec = run_cli.spec_from_args(args)
+        self.exp = HierarchyExperiment(self.spec, MODEL)
+        self.settings = self.exp.settings
+        self.dedupe = self.exp.dedupe if dedupe is None else dedupe
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         self.results = out / "results.jsonl"
@@ -80,21 +81,17 @@ class HarnessRun:
 
     async def __aenter__(self) -> Self:
         await self.client.__aenter__()
-        s = self.settings
-        dec = Decoding(model=MODEL, answer=s.answer, max_tokens=s.max_tokens, temperature=s.temperature,
-                       seed=s.seed, top_logprobs=s.top_logprobs, parser=s.parser)
-        self.engine = Engine(client=self.client, store=self.store, prompt=s.prompt, decoding=dec,
-                             concurrency=self.args.concurrency, media=self.args.media, max_side=self.args.max_side,
-                             retry=RetryPolicy(max_retries=self.args.max_retries),
-                             prices=price_for(MODEL, self.args.price_in, self.args.price_out), dedupe=self.dedupe)
+        self.engine = Engine(self.client, self.exp.task, self.store.append, concurrency=self.args.concurrency,
+                             media=self.args.media, max_side=self.args.max_side,
+                             retry=RetryPolicy(max_retries=self.args.max_retries), prices=self.exp.prices,
+                             dedupe=self.dedupe)
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.client.__aexit__(*exc)
 
     def work(self):
-        done = self.store.scan()
-        return runner._work(self.args, self.settings, done, ReadReport())
+        return self.exp.units(self.store.scan())
 
     async def run(self):
         work = self.work()

@@ -41,7 +41,6 @@ import orjson
 from bench import streaming_memory
 from bench._client_common import MODEL, HarnessRun, fmt_table, log, machine, run_args, write_items
 from bench._client_stub import StubProcess
-from harness.engine.core import Engine
 from harness.data.items import read_items
 from harness.prompts.hierarchy import Renderer
 
@@ -65,14 +64,9 @@ def request_bodies(url: str, data: Path, out: Path, n: int, concurrency: int) ->
     h = HarnessRun(run_args(url, data, out, mode="text",
                             concurrency=concurrency, extra=["--preset", "gpt-4o"]))
     s = h.settings
-    from harness.engine.core import Decoding
-    eng = Engine(client=None, store=None, prompt=s.prompt,  # type: ignore[arg-type]
-                 decoding=Decoding(model=MODEL, answer=s.answer, max_tokens=s.max_tokens,
-                                   temperature=s.temperature, seed=s.seed, parser=s.parser))
-    eng._pool.shutdown()
     renderer = Renderer(s.prompt, answer=s.answer)
     qs = (q for item in read_items(data) for q in renderer.render(item) if q.auto is None)
-    return [eng.body(q, None) for q in islice(qs, n)]
+    return [h.exp.task.body(q, None) for q in islice(qs, n)]
 
 
 def reference_client(url: str, bodies: list[dict], threads: int = 10) -> dict:
@@ -246,7 +240,7 @@ def locality(keys: list[str], window: int) -> dict:
 
 
 def images_and_locality(stub: StubProcess, tmp: Path, n_items: int, concurrency: int) -> dict:
-    import harness.engine.core as engine_mod
+    import harness.backends.http as engine_mod
 
     paths = make_pngs(tmp / "png", n_items)
     data = write_items(tmp / "image_items.jsonl", n_items, images=paths, unique_text=False)

@@ -184,8 +184,10 @@ class Client:
         self._rr = (self._rr + 1) % n
         return min((self.endpoints[(self._rr + i) % n] for i in range(n)), key=lambda e: e.in_flight)
 
-    async def post(self, path: str, body: bytes, *, root: bool = False) -> dict:
-        """POST to `path` under /v1, or under the server root with `root` (vLLM's /tokenize)."""
+    async def send(self, path: str, body: dict | bytes, *, root: bool = False) -> dict:
+        """POST a JSON body to `path` under /v1, or under the server root with `root` (vLLM's /tokenize)."""
+        if not isinstance(body, bytes):
+            body = orjson.dumps(body)
         ep = self.pick()
         ep.in_flight += 1
         try:
@@ -209,11 +211,15 @@ class Client:
             raise RetryableError("malformed response (not an object)")
         return out
 
+    async def post_root(self, path: str, body: dict) -> dict:
+        """One POST of a JSON body to a path under the server root (vLLM's /tokenize, /detokenize); no
+        retries here: the caller wraps it in the engine's retry loop (harness.engine.fanout.with_retries)."""
+        return await self.send(path, body, root=True)
+
     def prepare_image(self, path: str, media: str, max_side: int | None) -> ImagePayload:
         return encode_image(path, media=media, max_side=max_side)
 
-    async def send(self, path: str, body: dict | bytes) -> dict:
-        return await self.post(path, body if isinstance(body, bytes) else orjson.dumps(body))
+    post = send  # the name the classification requests use
 
     def key_hint(self) -> str:
         """What to check after a 401/403: names the key variable, never shows the key."""

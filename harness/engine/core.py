@@ -20,6 +20,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from harness.backends.base import Backend
@@ -53,7 +54,7 @@ class Unit:
 
 
 class Task(Protocol):
-    """What an experiment supplies to the engine. Optional hooks: `cache_key(group, i, image)` (a
+    """What an experiment supplies to the engine. Optional hooks: `cache_key(group, i, image, body)` (a
     request's identity for the memo and the answer cache), `retry_empty(group, answer)` (ask once more),
     `est_tokens(group, i)` (for a tokens-per-minute budget)."""
 
@@ -144,40 +145,37 @@ class Engine:
         self._stop.set()
 
     # ------------------------------------------------------------------ one request
-    async def _send(self, group: Group, i: int, path: str, body: Any, head: Any) -> Any:
-        """Send and interpret, retried as one: a reply the task cannot read is a fault like a 503."""
+    async def _attempt(self, group: Group, i: int, path: str, body: Any, head: Any) -> Any:
+        """One try: send and interpret. A reply the task cannot read is retried like a 503."""
         stats = self.stats
-
-        async def attempt() -> Any:
-            if self.token_limiter is not None:
-                est = self._est(group, i) if self._est is not None else 1
-                await self.token_limiter.acquire(min(est, self.token_limiter.max_rate))
-            if self.throttle is not None:
-                async with self.throttle:
-                    pass
-            stats.requests += 1
-            if self._sem is None:
+        if self.token_limiter is not None:
+            est = self._est(group, i) if self._est is not None else 1
+            await self.token_limiter.acquire(min(est, self.token_limiter.max_rate))
+        if self.throttle is not None:
+            async with self.throttle:
+                pass
+        stats.requests += 1
+        if self._sem is None:
+            resp = await self.backend.send(path, body)
+        else:
+            async with self._sem:
                 resp = await self.backend.send(path, body)
-            else:
-                async with self._sem:
-                    resp = await self.backend.send(path, body)
-            usage = resp.get("usage")
-            if usage:
-                pt, ct = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
-                stats.prompt_tokens += pt
-                stats.completion_tokens += ct
-                if self.prices[0] or self.prices[1]:
-                    stats.cost += cost(pt, ct, self.prices)
-            return self.task.interpret(group, i, resp, head)
-
-        return await with_retries(attempt, self.retry, self._count_retry)
+        usage = resp.get("usage")
+        if usage:
+            pt, ct = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+            stats.prompt_tokens += pt
+            stats.completion_tokens += ct
+            if self.prices[0] or self.prices[1]:
+                stats.cost += cost(pt, ct, self.prices)
+        return self.task.interpret(group, i, resp, head)
 
     def _count_retry(self, _e: RetryableError) -> None:
         self.stats.retried += 1
 
     async def ask(self, group: Group, i: int, image: Any, head: Any = None) -> Any:
         """Request i's answer: from the memo or cache, a request already in flight, or the backend."""
-        key = self._key(group, i, image) if self._key is not None else None
+        path, body = self.task.request(group, i, image)
+        key = self._key(group, i, image, body) if self._key is not None else None
         if key is not None:
             if key in self._memo:
                 self._memo.move_to_end(key)
@@ -192,11 +190,11 @@ class Engine:
             fut = asyncio.get_running_loop().create_future()
             self._inflight[key] = fut
         try:
-            path, body = self.task.request(group, i, image)
             empty_retry = self._retry_empty is not None
+            attempt = partial(self._attempt, group, i, path, body, head)
             while True:
                 t0 = time.monotonic()
-                ans = await self._send(group, i, path, body, head)
+                ans = await with_retries(attempt, self.retry, self._count_retry)
                 if empty_retry and self._retry_empty(group, ans):  # type: ignore[misc]
                     empty_retry = False  # one more try for an empty completion, then keep it
                     self.stats.retried += 1
@@ -225,8 +223,6 @@ class Engine:
     # ------------------------------------------------------------------ one group
     async def answer(self, group: Group, image: Any) -> list[Any]:
         """Every answer of a group: request 0 first when it is a head, the rest fanned out."""
-        if group.n == 1:
-            return [await self.ask(group, 0, image)]
         answers: list[Any] = [None] * group.n
         start = 0
         head = None
@@ -253,12 +249,13 @@ class Engine:
         self.sink(self.task.error_record(group, error[:300]))
         self.stats.failed += 1
 
-    async def handle(self, group: Group, image: Any) -> None:
+    async def handle(self, job: tuple[Group, Any]) -> None:
+        group, image = job
         if isinstance(image, Exception):
             self._fail(group, f"image: {type(image).__name__}: {image}")
             return
         try:
-            answers = await self.answer(group, image)
+            answers = [await self.ask(group, 0, image)] if group.n == 1 else await self.answer(group, image)
         except RetryableError as e:
             self._fail(group, f"gave up after retries: {e.reason}")
             return
@@ -313,12 +310,9 @@ class Engine:
     def _crash(self, job, e: Exception) -> None:
         self._fail(job[0], f"internal: {type(e).__name__}: {e}")
 
-    async def _handle_job(self, job) -> None:
-        await self.handle(*job)
-
     async def run(self, units: Iterable[Unit]) -> Stats:
         try:
-            await fan_out(lambda put: self.produce(units, put), self._handle_job, self._crash,
+            await fan_out(lambda put: self.produce(units, put), self.handle, self._crash,
                           workers=self.group_workers, stop=self._stop)
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)

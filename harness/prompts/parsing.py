@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Literal
 
 ParserName = Literal["reference", "robust"]
@@ -35,6 +36,7 @@ _ALTERNATIVE = re.compile(rf"{_UNWRAP}\s*(?:,|/|or|and)\s*{_WRAP}([A-Z])\b")
 _NORM = re.compile(r"[^0-9a-z]+")
 
 
+@lru_cache(maxsize=1 << 16)  # option texts repeat across a run (CUB: ~400 distinct names)
 def _norm(s: str) -> str:
     return _NORM.sub(" ", s.lower()).strip()
 

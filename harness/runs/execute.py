@@ -116,7 +116,7 @@ async def _execute(spec: RunSpec, endpoints: list[str], *, dry_run: bool, progre
         folder.prepare()
         done = folder.done(spec.retry_errors)
         started = now()
-        recorded = _redacted(spec)
+        recorded = _redacted(spec.model_copy(update={"model": model}))  # the served model, not a guess
         extra = {"endpoints": [redact_url(e) for e in endpoints], "command": sys.argv[:1] + ["run", "..."]}
         if isinstance(spec.backend, EndpointBackend):
             extra["api_key_env"] = spec.backend.api_key_env  # the name of the variable, never its value

@@ -8,9 +8,12 @@ answer fields: tokens, latency, letter_logprobs (logprobs mode), scores/logits (
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import orjson
 
 from harness.backends.http import FatalError, RetryableError
 from harness.backends.images import ImagePayload
@@ -102,13 +105,16 @@ class ChatTask:
         return b
 
     # -- engine task
-    def request(self, group: Group, i: int, image: ImagePayload | None) -> tuple[str, dict]:
+    def request(self, group: Group, i: int, image: ImagePayload | None) -> tuple[str, bytes]:
+        """The body serialised once, keys sorted: without an image these bytes are also the cache key's."""
         q: Question = group.data
-        return "/chat/completions", self.body(q, image if q.image else None)
+        return "/chat/completions", orjson.dumps(self.body(q, image if q.image else None), option=orjson.OPT_SORT_KEYS)
 
-    def cache_key(self, group: Group, i: int, image: ImagePayload | None) -> str:
+    def cache_key(self, group: Group, i: int, image: ImagePayload | None, body: bytes) -> str:
         q: Question = group.data
-        return request_key(self.body(q, image if q.image else None, for_key=True))
+        if not q.image or image is None:
+            return hashlib.sha256(body).hexdigest()  # = request_key(body as a dict)
+        return request_key(self.body(q, image, for_key=True))
 
     def est_tokens(self, group: Group, i: int) -> int:
         q: Question = group.data

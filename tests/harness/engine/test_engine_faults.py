@@ -150,11 +150,14 @@ def test_retry_after_header_delays_the_retry(tmp_path):
                 from harness.engine.core import Engine, Group
 
                 class Raw:  # the reply itself is the answer
+                    def request(self, group, i, image):
+                        return "/chat/completions", b"{}"
+
                     def interpret(self, group, i, resp, head):
                         return resp
 
                 eng = Engine(c, Raw(), lambda rec: None, retry=RetryPolicy(max_retries=3, base=0.001, cap=1.0))
-                return await eng._send(Group("q"), 0, "/chat/completions", b"{}", None)
+                return await eng.ask(Group("q"), 0, None)
         finally:
             await runner.cleanup()
 
