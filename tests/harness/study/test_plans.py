@@ -442,5 +442,7 @@ args = ["--classes", "{tmp_path / 'classes.json'}"]
         assert st.stub.requests == asked == 12  # 6 images x 2 cells, then nothing
     assert [o.result for o in first] == ["done", "done"] and [o.result for o in again] == ["skipped (done)"] * 2
     recs = [orjson.loads(x) for x in (tmp_path / "out/m/mini.test.reference.k2/results.jsonl").read_bytes().splitlines()]
+    states = [cells.cell_state(c, scores=True) for c in cells.expand(plan_spec.load_plan(plan).spec).cells]
+    assert all(s.state == "done" and s.hca is not None and s.leaf is None for s in states)  # accuracy, by kind
     offered = [list(r["choices"].values()) if isinstance(r["choices"], dict) else r["choices"] for r in recs]
     assert len(recs) == 6 and all(r["k"] == 2 and r["label"] in o for r, o in zip(recs, offered, strict=True))
