@@ -21,6 +21,7 @@ LAYERS = {
     "harness.backends": 3,
     "harness.engine": 4,
     "harness.classification": 5,
+    "harness.tasks": 5,
     "harness.runs": 6,
     "harness.serving": 6,
     "harness.study": 7,
