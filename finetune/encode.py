@@ -29,7 +29,7 @@ class EncodeError(ValueError):
 
 
 def load_image(path: str, max_side: int | None = None):
-    """RGB PIL image; longest side capped at `max_side` like harness.engine.images (LANCZOS, int truncation)."""
+    """RGB PIL image; longest side capped at `max_side` like harness.backends.images (LANCZOS, int truncation)."""
     from PIL import Image
 
     try:

@@ -113,7 +113,7 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
 def print_result(r: RunResult) -> int:
     from rich.console import Console
 
-    con = Console(stderr=True, highlight=False)
+    con = Console(stderr=True, highlight=False, soft_wrap=True)
     for line in r.lines:
         (print if r.status == "dry-run" else con.print)(line)
     if r.message:

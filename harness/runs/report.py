@@ -9,6 +9,7 @@ import orjson
 from harness.metrics.report import summarize_path as summarize_hierarchy
 
 CLASSIFICATION_KINDS = ("classify", "loglik", "wikiqa")
+_OLD_KINDS = {"generation": "classify"}  # run.json of folders written before the run kinds were unified
 
 
 def run_kind(path: str | Path) -> str:
@@ -21,7 +22,8 @@ def run_kind(path: str | Path) -> str:
         m = orjson.loads((folder / "run.json").read_bytes())
     except orjson.JSONDecodeError:
         return "hierarchy"
-    return str(m.get("kind") or "hierarchy") if isinstance(m, dict) else "hierarchy"
+    kind = str(m.get("kind") or "hierarchy") if isinstance(m, dict) else "hierarchy"
+    return _OLD_KINDS.get(kind, kind)
 
 
 def summarize_path(path: str | Path, score_from: int | None = None) -> dict:

@@ -170,7 +170,8 @@ def managed_server(cmd: list[str], port: int, *, env: dict | None = None, timeou
                    log_path: Path | None = None, name: str = "server", api_key: str | None = None) -> Iterator[str]:
     """Run `cmd` in its own process group, wait until /health and /v1/models answer 200, yield the
     base URL (…/v1), stop the group on exit. The log's tail is in the error when start-up fails."""
-    log_path = log_path or Path(tempfile.mkstemp(prefix=f"harness-{name}-", suffix=".log")[1])
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[-80:]  # a model path has slashes
+    log_path = log_path or Path(tempfile.mkstemp(prefix=f"harness-{safe}-", suffix=".log")[1])
     with open(log_path, "ab", buffering=0) as log:
         log.write(f"$ {' '.join(cmd)}\n".encode())
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
