@@ -29,6 +29,8 @@ from harness.engine.cache import RequestCache
 from harness.engine.fanout import fan_out, with_retries
 from harness.engine.pricing import cost
 
+_DEFAULT_RETRY = RetryPolicy()
+
 
 class GroupError(RuntimeError):
     """This group cannot be answered (recorded as its error, not retried; the run goes on)."""
@@ -112,7 +114,7 @@ def _prepare(backend: Backend, path: str, media: str, max_side: int | None) -> A
 class Engine:
     def __init__(self, backend: Backend, task: Task, sink: Callable[[dict], None], *, concurrency: int = 64,
                  group_workers: int | None = None, media: str = "base64", max_side: int | None = None,
-                 retry: RetryPolicy = RetryPolicy(), throttle=None, token_limiter=None,
+                 retry: RetryPolicy = _DEFAULT_RETRY, throttle=None, token_limiter=None,
                  cache: RequestCache | None = None, dedupe: bool = False,
                  prices: tuple[float, float] = (0.0, 0.0), max_cost: float | None = None,
                  prefetch: int = 8, image_workers: int = 4):

@@ -50,7 +50,7 @@ async def _request(session: aiohttp.ClientSession, method: str, url: str, **kw) 
                 if r.status == 200:
                     return data
                 err = classify(r.status, data, r.headers)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             err = RetryableError(f"{type(e).__name__}")
         if isinstance(err, FatalError):
             raise err

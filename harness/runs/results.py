@@ -95,7 +95,7 @@ class ResultStore:
             self._f.close()
             self._f = None
 
-    def __enter__(self) -> "ResultStore":
+    def __enter__(self) -> ResultStore:
         self.open()
         return self
 

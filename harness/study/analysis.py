@@ -27,7 +27,16 @@ import numpy as np
 import orjson
 
 from harness.metrics.report import summarize_path
-from harness.study.records import Correlation, Delta, Point, RunInfo, Spread, asked_levels, level_name
+from harness.study.records import (
+    Correlation,
+    Delta,
+    Point,
+    RunInfo,
+    Spread,
+    asked_levels,
+    level_name,
+    read_json,
+)
 
 __all__ = [
     "Correlation",
@@ -73,12 +82,6 @@ def find_runs(paths: Sequence[str | Path]) -> list[tuple[Path, str]]:
     return out
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        d = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError):
-        return {}
-    return d if isinstance(d, dict) else {}
 
 
 def _s(v) -> str | None:
@@ -88,10 +91,10 @@ def _s(v) -> str | None:
 def load_run(path: str | Path, label: str | None = None) -> RunInfo:
     p = Path(path)
     folder = p if p.is_dir() else p.parent
-    manifest = _read_json(folder / "run.json") if (p.is_dir() or p.name == "results.jsonl") else {}
+    manifest = read_json(folder / "run.json") if (p.is_dir() or p.name == "results.jsonl") else {}
     settings = manifest.get("settings", {}) if isinstance(manifest.get("settings"), dict) else {}
     prompt = settings.get("prompt", {}) if isinstance(settings.get("prompt"), dict) else {}
-    cell = _read_json(folder / "plan-cell.json") if (p.is_dir() or p.name == "results.jsonl") else {}
+    cell = read_json(folder / "plan-cell.json") if (p.is_dir() or p.name == "results.jsonl") else {}
     label = label or (folder.name if p.is_dir() else p.name)
     served = settings.get("model")
     model = cell.get("model") or served or label

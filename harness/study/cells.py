@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_origin
 
-import orjson
 from pydantic import BaseModel, ValidationError
 
 from harness.runs.report import summarize_path
 from harness.runs.spec import ClassifyTask, EndpointBackend, HierarchyTask, LoglikTask, RunSpec, WikiQATask
 from harness.serving.profiles import load_profile
 from harness.study.plan_spec import Benchmark, ModelEntry, PlanSpec, Variant, Vars
+from harness.study.records import read_json
 
 __all__ = [
     "CELL_FILE",
@@ -424,13 +424,6 @@ def blocked_reason(cell: Cell, kinds: Collection[str] | None = None) -> str | No
     return None
 
 
-def _read_json(path: Path) -> dict:
-    """A JSON object from `path`; {} when it is missing, torn (a killed writer) or not an object."""
-    try:
-        d = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError):
-        return {}
-    return d if isinstance(d, dict) else {}
 
 
 def _number(v: Any) -> float | None:
@@ -470,7 +463,7 @@ def cell_state(cell: Cell, kinds: Collection[str] | None = None, *, scores: bool
     """Where a cell stands on disk; `kinds`: the task kinds that can run here (None: do not check);
     `scores`: also read its metrics (HCA and leaf accuracy, or accuracy), which reads its results."""
     results = cell.out / "results.jsonl"
-    status = _read_json(cell.out / "run.json").get("status")
+    status = read_json(cell.out / "run.json").get("status")
     lines = _count_lines(results) if results.is_file() else 0
     hca, leaf = cell_scores(cell) if scores and lines else (None, None)
     if status == "done":

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
+
 from harness.data.taxonomy import TAXONOMIES
 from harness.metrics.hierarchy import Summary
 
@@ -126,3 +128,12 @@ def asked_levels(r: RunInfo) -> list[tuple[str, float]]:
     """(level, accuracy) coarse to fine; a text run's leaf is filled in, not asked, so it is left out."""
     lv = sorted(r.summary.per_level.items(), key=lambda kv: int(kv[0]))
     return lv[:-1] if r.mode == "text" else lv
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; {} when it is missing, torn (a killed writer) or not an object."""
+    try:
+        d = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    return d if isinstance(d, dict) else {}
