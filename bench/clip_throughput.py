@@ -1,6 +1,7 @@
-"""CLIP/SigLIP scoring throughput: this module (batched, one image encode per item, text vocabulary,
-background image pool) vs a reference-style loop (per level: encode the image and its 4 option texts)
-on the same model, same items, same images. Prints images/s and encoder work per item side by side.
+"""CLIP/SigLIP scoring throughput: a `harness run --backend clip` run (the engine, the dynamically
+batching ClipScorer: one image encode per item, a text vocabulary, images decoded in the engine's pool;
+results written to a run folder) vs a reference-style loop (per level: encode the image and its 4 option
+texts) on the same model, same items, same images. Prints images/s and encoder work per item side by side.
 
     python -m bench.clip_throughput [--model SPEC] [--items 200] [--batch-size 64] [--workers N]
                                     [--device auto] [--threads T] [--image-size 500x375]
@@ -64,12 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="where images (and the tiny model) go (default: a temp dir)")
     args = ap.parse_args(argv)
 
+    import orjson
     import torch
 
+    from harness.backends.clip import reference_scores
     from harness.backends.contrastive import default_workers, load_model
-    from harness.backends.clip import ScoreStats, questions_for, reference_scores, score_items
-    from tests.support.tiny_contrastive import build_tiny_hf
     from harness.data.items import read_items
+    from harness.runs.execute import execute
+    from harness.runs.spec import RunSpec
+    from harness.tasks.clip import questions_for
+    from tests.support.tiny_contrastive import build_tiny_hf
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,39 +82,50 @@ def main(argv: list[str] | None = None) -> int:
     w, h = (int(x) for x in args.image_size.split("x"))
     root_map = make_images(work / "images", args.items, (w, h))
     spec = args.model or str(build_tiny_hf(work / "tiny-siglip", "siglip"))
-    model = load_model(spec, args.device, args.dtype)
     workers = default_workers() if args.workers is None else args.workers
     items = list(islice(read_items(CUB, root_map=[root_map]), args.items))
     n_ref = min(args.reference_items or args.items, len(items))
+
+    def run_spec(out: Path, limit: int) -> RunSpec:
+        return RunSpec(out=str(out), data=str(CUB), model=spec, limit=limit, image_root_map=[root_map],
+                       backend={"kind": "clip", "device": args.device, "dtype": args.dtype,
+                                "batch_size": args.batch_size, "workers": workers},
+                       task={"template": TEMPLATE})
+
+    def run(out: Path, limit: int):
+        seen = {}
+        r = execute(run_spec(out, limit), on_engine=lambda e: seen.setdefault("scorer", e.backend))
+        if r.status != "done":
+            raise SystemExit(f"bench run {out}: {r.status}: {r.message}")
+        return r, seen["scorer"]
+
+    run(work / "warmup", 4)  # allocator, kernels, lazy imports: not counted
+    r, scorer = run(work / "run", args.items)
+    t_batched = r.stats["seconds"]  # engine time (model loading excluded)
+    recs = [orjson.loads(x) for x in (work / "run" / "results.jsonl").read_bytes().splitlines()]
+    bc = scorer.counts
+    vocab = scorer.stats()["vocab"]
+    device = scorer.model.device
+
+    model = load_model(spec, args.device, args.dtype)
 
     def sync():
         if model.device.type == "cuda":
             torch.cuda.synchronize()
 
-    # warm-up (allocator, kernels, lazy imports) on a few items, not counted
-    list(score_items(model, [(it, questions_for(it, TEMPLATE)) for it in items[:4]], TEMPLATE,
-                     batch_size=4, workers=workers))
-    reference_scores(model, items[0], TEMPLATE)
-
-    stats = ScoreStats()
-    sync()
-    t = time.perf_counter()
-    recs = list(score_items(model, ((it, questions_for(it, TEMPLATE)) for it in items), TEMPLATE,
-                            batch_size=args.batch_size, workers=workers, stats=stats))
-    sync()
-    t_batched = time.perf_counter() - t
-
+    reference_scores(model, items[0], TEMPLATE)  # warm-up
     c0 = dict(model.counts.as_dict())
+    sync()
     t = time.perf_counter()
-    ref = [s for it in items[:n_ref] for s in reference_scores(model, it, TEMPLATE)]
+    ref = {q.qid: s for it in items[:n_ref]
+           for q, s in zip(questions_for(it, TEMPLATE), reference_scores(model, it, TEMPLATE))}
     sync()
     t_ref = time.perf_counter() - t
     c1 = model.counts.as_dict()
     rc = {k: c1[k] - c0[k] for k in c1}
 
     n_q_ref = len(ref)
-    agree = sum(r["letter"] == "ABCD"[s.best] for r, s in zip(recs, ref)) / max(n_q_ref, 1)
-    bc = stats.counts
+    agree = sum(r["letter"] == "ABCD"[ref[r["qid"]].best] for r in recs if r["qid"] in ref) / max(n_q_ref, 1)
     n = len(items)
     rows = [
         ("items", f"{n:,}", f"{n_ref:,}"),
@@ -123,17 +139,18 @@ def main(argv: list[str] | None = None) -> int:
         ("texts encoded / item", f"{bc.texts / n:.3f}", f"{rc['texts'] / n_ref:.3f}"),
     ]
     print(f"# CLIP/SigLIP scoring throughput: {spec}")
-    print(f"device {model.device}, dtype {args.dtype}, torch threads {torch.get_num_threads()}, image threads "
+    print(f"device {device}, dtype {args.dtype}, torch threads {torch.get_num_threads()}, image threads "
           f"{workers}, batch {args.batch_size}, images {w}x{h} JPEG, {os.cpu_count()} CPUs, "
           f"python {platform.python_version()}, torch {torch.__version__}")
     print()
-    print(f"| {'':<28} | {'this module':>12} | {'reference loop':>14} |")
+    print(f"| {'':<28} | {'harness run':>12} | {'reference loop':>14} |")
     print(f"|{'-' * 30}|{'-' * 14}|{'-' * 16}|")
     for name, a, b in rows:
         print(f"| {name:<28} | {a:>12} | {b:>14} |")
     print()
     print(f"speed-up (images/s): {(n / t_batched) / (n_ref / t_ref):.1f}x; same predictions on "
-          f"{100 * agree:.2f}% of the {n_q_ref:,} questions both scored; distinct texts {stats.vocab:,}")
+          f"{100 * agree:.2f}% of the {n_q_ref:,} questions both scored; distinct texts {vocab:,}; "
+          f"{bc.images / max(bc.image_calls, 1):.1f} images per encoder call (batch size {args.batch_size})")
     return 0
 
 

@@ -1,43 +1,38 @@
-"""CLIP/SigLIP as a local scoring backend: the same results.jsonl as an endpoint run.
+"""CLIP/SigLIP as a local scoring backend behind the engine's Backend protocol.
 
-Each question's options are scored as the reference did (options in file order, text
-`template.format(option)`, argmax of the logits), but each image is decoded and encoded once per item
-(not once per level) and each distinct option text once per run (:class:`TextVocab`); images are
-decoded in a background pool while the encoder works, and encoded in batches.
+:class:`ClipScorer` answers `send("/clip/score", {"image": payload, "texts": [...]})` with
+`{"logits": [...], "probs": [...]}` (the texts in the order given), like a server would: concurrent
+requests are collected by one background task and scored together (dynamic batching: up to
+`batch_size` distinct images per image-encoder call, run in one encoder thread so the event loop stays
+free). The payload is made once per item by `prepare_image` (decoded and preprocessed in the engine's
+image pool), its embedding is kept in a small LRU keyed by the payload id while the item's levels are
+asked, so each image is encoded once per item; each distinct text is encoded once per run
+(:class:`TextVocab`).
 
-Result lines are `harness.runs.results.record()` lines (qid from :func:`harness.prompts.hierarchy.make_qid` with
-mode "image", the text template as the prompt variant and answer mode "clip"), plus `scores` (letter
--> softmax probability over the offered options) and `logits` (letter -> the model's logit: 100 x
-cosine for open_clip CLIP, exp(logit_scale) x cosine + logit_bias for SigLIP). `harness report` reads
-them unchanged; a rerun skips the qids already written (resume), `retry_errors` asks failed ones again.
+Scoring is the reference's: text `template.format(option)` (filled by the task, `harness.tasks.clip`),
+logits = the model's scale x cosine (+ bias for SigLIP), softmax probabilities over the offered
+options, answer = argmax of the logits. :func:`reference_scores` is the reference loop (per level: the
+image and every option text encoded again), kept for checks and benchmarks.
 """
 
 from __future__ import annotations
 
-import platform
-import sys
-import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from itertools import islice
-from pathlib import Path
+import asyncio
+import itertools
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Self
 
-import orjson
 import torch
 
-from harness import __version__
-from harness.backends.contrastive import ContrastiveModel, EncoderCounts, load_pixels, prefetch
-from harness.data.items import LETTERS, Item, ItemError, ReadReport, file_hash, read_items
-from harness.prompts.hierarchy import Question, make_qid
-from harness.runs.results import ResultStore
-from harness.tasks.hierarchy import record
-from harness.metrics.readers import summarize_results
+from harness.backends.contrastive import ContrastiveModel, default_workers, load_model, load_pixels
+from harness.backends.http import FatalError
+from harness.data.items import LETTERS, Item
 
-ANSWER_MODE = "clip"
-EXIT_OK, EXIT_INPUT, EXIT_UNANSWERED = 0, 2, 3
-#: Settings that change answers: a resumed run folder must have been written with the same ones.
-FINGERPRINT = ("model", "data_sha256", "template", "dtype", "limit", "answer")
+#: The request path of a score request.
+SCORE_PATH = "/clip/score"
 
 
 class TextVocab:
@@ -115,12 +110,16 @@ class BatchScorer:
         return [fill(self.template, o) for o in options]
 
     def score(self, image_emb: torch.Tensor, questions: Sequence[tuple[int, Sequence[str]]]) -> list[Scored]:
-        """questions: (row of image_emb, options in letter order) -> Scored, in order.
+        """questions: (row of image_emb, options in letter order) -> Scored, in order."""
+        return self.score_texts(image_emb, [(r, self.texts(opts)) for r, opts in questions])
+
+    def score_texts(self, image_emb: torch.Tensor, questions: Sequence[tuple[int, Sequence[str]]]) -> list[Scored]:
+        """questions: (row of image_emb, option texts in letter order) -> Scored, in order.
 
         One (B x V) similarity matmul per batch, then a gather per question."""
         if not questions:
             return []
-        texts = [self.texts(opts) for _, opts in questions]
+        texts = [list(ts) for _, ts in questions]
         flat = self.vocab.ids(t for ts in texts for t in ts)  # new texts of the batch: one pass, batched
         ids, at = [], 0
         for ts in texts:
@@ -163,197 +162,209 @@ def reference_scores(model: ContrastiveModel, item: Item, template: str) -> list
     return out
 
 
-def questions_for(item: Item, template: str) -> list[Question]:
-    """The questions of an item (options in file order, as the reference CLIP/SigLIP runs)."""
-    out = []
-    for t, lv in enumerate(item.levels):
-        if lv.truth is None:
-            continue
-        qid = make_qid(item.id, lv.n, "image", template, ANSWER_MODE)
-        out.append(Question(qid, item.id, lv.n, t, lv.choices, lv.truth, None, "", item.image, not lv.root))
-    return out
+# --- the backend ------------------------------------------------------------------------------------
 
 
-@dataclass
-class ScoreStats:
-    items: int = 0
-    questions: int = 0
-    failed: int = 0
-    seconds: float = 0.0
-    counts: EncoderCounts = field(default_factory=EncoderCounts)
-    vocab: int = 0
+@dataclass(frozen=True, slots=True, eq=False)
+class ClipImage:
+    """An item's image payload: its preprocessed pixels and an id (the embedding cache's key)."""
 
-    def as_dict(self) -> dict:
-        d = {k: v for k, v in vars(self).items() if k != "counts"}
-        d["encoders"] = self.counts.as_dict()
-        return d
+    id: int
+    pixels: torch.Tensor
+    path: str
 
 
-def score_items(model: ContrastiveModel, work: Iterable[tuple[Item, list[Question]]], template: str, *,
-                batch_size: int = 64, workers: int = 4, text_batch: int = 256,
-                stats: ScoreStats | None = None) -> Iterator[dict]:
-    """Result records for (item, questions) pairs: images decoded ahead in `workers` threads,
-    encoded `batch_size` at a time, option texts through one vocabulary. An image that cannot be
-    read gives error records for its questions (asked again with retry_errors)."""
-    scorer = BatchScorer(model, template, text_batch)
-    stats = stats if stats is not None else ScoreStats()
-    start_counts = EncoderCounts(**model.counts.as_dict())
-    t0 = time.monotonic()
-    batch: list[tuple[list[Question], torch.Tensor]] = []
-
-    def flush() -> Iterator[dict]:
-        if not batch:
-            return
-        emb = model.encode_images(torch.stack([px for _, px in batch]))
-        flat = [(i, q) for i, (qs, _) in enumerate(batch) for q in qs]
-        for (_, q), s in zip(flat, scorer.score(emb, [(i, q.options) for i, q in flat])):
-            L = LETTERS[s.best]
-            yield record(q, letter=L, raw=L, error=None, **s.record_fields())
-        stats.questions += len(flat)
-        batch.clear()
-
-    for (item, qs), px in prefetch(work, lambda w: load_pixels(w[0].image, model), workers,
-                                    ahead=max(batch_size * 2, workers * 4)):
-        stats.items += 1
-        if isinstance(px, BaseException):
-            err = f"image: {type(px).__name__}: {px}"[:300]
-            for q in qs:
-                yield record(q, letter=None, raw=None, error=err)
-            stats.failed += len(qs)
-            continue
-        batch.append((qs, px))
-        if len(batch) >= batch_size:
-            yield from flush()
-    yield from flush()
-    stats.seconds += time.monotonic() - t0
-    now = model.counts
-    stats.counts = EncoderCounts(now.image_calls - start_counts.image_calls, now.images - start_counts.images,
-                                 now.text_calls - start_counts.text_calls, now.texts - start_counts.texts)
-    stats.vocab = len(scorer.vocab)
+@dataclass(slots=True)
+class _Request:
+    image: ClipImage
+    texts: list[str]
+    fut: asyncio.Future
 
 
-# --- a run folder -----------------------------------------------------------------------------------
+class ClipScorer:
+    """The Backend of a CLIP run: a local model scoring option texts against images, batched.
 
+    `model` may be given already loaded (tests, benchmarks); otherwise `spec` is loaded on entry.
+    `max_delay`: how long the batcher waits for one more request before scoring a batch that is not
+    full (seconds). `cache_size`: image embeddings kept (LRU; default 16 x batch_size, at least 1024)."""
 
-@dataclass
-class ClipRun:
-    """`harness clip-run`: what to score and where (everything that changes answers is in FINGERPRINT)."""
+    def __init__(self, spec: str, *, device: str = "auto", dtype: str = "float32", batch_size: int = 64,
+                 workers: int | None = None, text_batch: int = 256,
+                 max_delay: float = 0.002, cache_size: int | None = None, model: ContrastiveModel | None = None):
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        self.spec, self.device, self.dtype = spec, device, dtype
+        self.batch_size, self.text_batch, self.max_delay = batch_size, text_batch, max_delay
+        #: image decoding threads wanted (the engine's image pool decodes: `prepare_image`)
+        self.image_workers = default_workers() if workers is None else workers
+        self.cache_size = cache_size or max(1024, 16 * batch_size)
+        self.model = model
+        self.scorer: BatchScorer | None = None
+        self._ids = itertools.count()
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()  # image id -> embedding (D,)
+        self._queue: list[_Request] = []
+        self._batch: list[_Request] = []  # the batch being scored
+        self._arrived: asyncio.Event | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task | None = None
+        self._broken: str | None = None
+        self.batches = 0  # scoring steps (each: at most one image-encoder call)
+        self.requests = 0
 
-    model: str
-    data: str
-    out: str
-    template: str = "a photo of a {}."
-    image_root_map: Sequence[str] = ()
-    batch_size: int = 64
-    workers: int = 4
-    text_batch: int = 256
-    device: str = "auto"
-    dtype: str = "float32"
-    limit: int | None = None
-    strict: bool = False
-    retry_errors: bool = False
-    force: bool = False
-
-    def settings(self) -> dict:
-        return {"backend": "clip", "model": self.model, "data": str(self.data),
-                "data_sha256": file_hash(self.data), "template": self.template, "option_order": "file",
-                "dtype": self.dtype, "limit": self.limit, "answer": ANSWER_MODE,
-                "image_root_map": list(self.image_root_map)}
-
-
-def _check_resume(out: Path, settings: dict, force: bool) -> None:
-    manifest = out / "run.json"
-    if force or not manifest.exists():
-        return
-    old = orjson.loads(manifest.read_bytes()).get("settings", {})
-    if old.get("backend") != "clip":
-        raise ValueError(f"{manifest}: this folder holds a run of another backend; use another --out")
-    for k in FINGERPRINT:
-        if k in old and old[k] != settings[k]:
-            raise ValueError(f"{manifest}: this folder holds a run with other settings ({k}: {old[k]!r} -> "
-                             f"{settings[k]!r}). Use another --out, or --force to resume anyway.")
-
-
-def _write_manifest(out: Path, settings: dict, run: ClipRun, status: str, started: str, model=None,
-                    stats: ScoreStats | None = None) -> None:
-    m = {"harness_version": __version__, "status": status, "started": started,
-         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "settings": settings,
-         "runtime": {"device": str(model.device) if model is not None else run.device,
-                     "batch_size": run.batch_size, "workers": run.workers, "text_batch": run.text_batch,
-                     "torch": torch.__version__},
-         "python": platform.python_version()}
-    if stats is not None:
-        m["stats"] = stats.as_dict()
-    tmp = out / "run.json.tmp"
-    tmp.write_bytes(orjson.dumps(m, option=orjson.OPT_INDENT_2))
-    tmp.replace(out / "run.json")
-
-
-def run_clip(run: ClipRun, model: ContrastiveModel | None = None, log=None) -> int:
-    """Score `run.data` into `run.out` (results.jsonl, run.json, summary.json); resumable.
-    Returns an exit code: 0 done, 2 invalid input lines skipped, 3 questions left unanswered."""
-    log = log or sys.stderr
-    if not Path(run.data).is_file():
-        raise FileNotFoundError(f"items file not found: {run.data}")
-    check_template(run.template)
-    if run.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {run.batch_size}")
-    out = Path(run.out)
-    settings = run.settings()
-    _check_resume(out, settings, run.force)
-    if model is None:  # before the folder is made: a model that cannot load leaves nothing behind
-        from harness.backends.contrastive import load_model
-
-        model = load_model(run.model, run.device, run.dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    store = ResultStore(out / "results.jsonl")
-    done = store.scan(retry_errors=run.retry_errors)
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    _write_manifest(out, settings, run, "running", started, model)
-    report = ReadReport()
-    items: Iterable[Item] = read_items(run.data, root_map=run.image_root_map, strict=run.strict, report=report)
-    if run.limit is not None:
-        items = islice(items, run.limit)
-    skipped = 0
-
-    def work() -> Iterator[tuple[Item, list[Question]]]:
-        nonlocal skipped
-        for item in items:
-            qs = [q for q in questions_for(item, run.template) if q.qid not in done]
-            if qs:
-                yield item, qs
-            else:
-                skipped += 1
-
-    stats = ScoreStats()
-    fatal = None
-    with store:
+    # -- lifecycle
+    async def __aenter__(self) -> Self:
+        loop = asyncio.get_running_loop()
+        # one encoder thread: every model call (load, images, texts) runs there, in order
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip-encoder")
         try:
-            for rec in score_items(model, work(), run.template, batch_size=run.batch_size, workers=run.workers,
-                                   text_batch=run.text_batch, stats=stats):
-                store.append(rec)
-        except ItemError as e:  # strict: stop at the bad line; what was scored is kept
-            fatal = e
-    summary = summarize_results(out / "results.jsonl") if (out / "results.jsonl").exists() else None
-    if summary is not None:
-        (out / "summary.json").write_bytes(orjson.dumps(summary.to_json(), option=orjson.OPT_INDENT_2))
-    unanswered = summary.n_errors if summary else 0
-    status = "fatal" if fatal else "incomplete" if unanswered else "done"
-    _write_manifest(out, settings, run, status, started, model, stats)
-    c = stats.counts
-    rate = stats.items / max(stats.seconds, 1e-9)
-    print(f"{stats.questions + stats.failed:,} questions of {stats.items:,} items in {stats.seconds:,.1f} s "
-          f"({rate:,.1f} images/s) on {model.device}: {c.images:,} images in {c.image_calls:,} encoder calls, "
-          f"{c.texts:,} distinct texts in {c.text_calls:,} calls; {stats.failed:,} failed; "
-          f"{skipped:,} items already done", file=log)
-    for e in report.errors[:20]:
-        print(f"invalid input, skipped: {e}", file=log)
-    if summary is not None and summary.n_items:
-        print(f"HCA {summary.hca:.2f} [{summary.hca_ci[0]:.2f}, {summary.hca_ci[1]:.2f}]  leaf {summary.leaf_acc:.2f}"
-              f"  unanswered {summary.n_unanswered:,}  -> {out / 'summary.json'}", file=log)
-    if fatal is not None:
-        raise fatal
-    if unanswered:
-        print(f"{unanswered:,} question(s) failed; rerun with --retry-errors to ask them again", file=log)
-        return EXIT_UNANSWERED
-    return EXIT_INPUT if report.errors else EXIT_OK
+            if self.model is None:
+                self.model = await loop.run_in_executor(self._pool, load_model, self.spec, self.device, self.dtype)
+        except BaseException:
+            self._pool.shutdown(wait=False)
+            raise
+        self.scorer = BatchScorer(self.model, "{}", self.text_batch)  # texts come filled
+        self._arrived = asyncio.Event()
+        self._task = asyncio.create_task(self._serve(), name="clip-batcher")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._cache.clear()
+
+    async def health(self) -> list[str]:
+        if self.model is None:
+            raise FatalError(f"CLIP model {self.spec!r} is not loaded (enter the backend first)")
+        return [self.spec]
+
+    @property
+    def counts(self):
+        """The model's encoder counters (calls and inputs encoded)."""
+        return self.model.counts if self.model is not None else None
+
+    def stats(self) -> dict:
+        """Encoder work of this backend (for a manifest or a benchmark)."""
+        return {"encoders": self.model.counts.as_dict() if self.model is not None else {},
+                "vocab": len(self.scorer.vocab) if self.scorer is not None else 0,
+                "batches": self.batches, "requests": self.requests}
+
+    # -- Backend protocol
+    def prepare_image(self, path: str, media: str, max_side: int | None) -> ClipImage:
+        """Decode and preprocess (in the engine's image pool). `media` and `max_side` do not apply:
+        the model's own preprocessing resizes."""
+        assert self.model is not None, "enter the backend first"
+        return ClipImage(next(self._ids), load_pixels(path, self.model), path)
+
+    async def send(self, path: str, body: Any) -> dict:
+        if path != SCORE_PATH:
+            raise FatalError(f"the CLIP backend answers {SCORE_PATH} only, not {path}")
+        if self._broken is not None:
+            raise FatalError(self._broken)
+        if self._arrived is None:
+            raise FatalError("the CLIP backend is not entered (use `async with ClipScorer(...)`)")
+        image, texts = body["image"], body["texts"]
+        if not isinstance(image, ClipImage):
+            raise FatalError(f"the CLIP backend needs a payload from its prepare_image, got {type(image).__name__}")
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append(_Request(image, list(texts), fut))
+        self.requests += 1
+        self._arrived.set()
+        return await fut
+
+    # -- the batcher
+    def _new_images(self) -> int:
+        return len({r.image.id for r in self._queue if r.image.id not in self._cache})
+
+    async def _gather(self) -> None:
+        """Let concurrent senders join the batch: while new requests keep arriving (each loop tick, or
+        within `max_delay`) and fewer than `batch_size` images need encoding."""
+        assert self._arrived is not None
+        while self._new_images() < self.batch_size:
+            n = len(self._queue)
+            await asyncio.sleep(0)  # senders woken by the last batch's answers send their next request
+            if len(self._queue) > n:
+                continue
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), self.max_delay)
+            except TimeoutError:
+                return
+
+    def _take(self) -> tuple[list[_Request], list[ClipImage]]:
+        """The next batch: queued requests in arrival order whose image is cached or among the first
+        `batch_size` new images; the others wait for the next batch."""
+        batch, rest, encode, chosen = [], [], [], set()
+        for r in self._queue:
+            if r.fut.done():  # the sender was cancelled (the run stopped)
+                continue
+            iid = r.image.id
+            if iid in self._cache or iid in chosen:
+                batch.append(r)
+            elif len(encode) < self.batch_size:
+                chosen.add(iid)
+                encode.append(r.image)
+                batch.append(r)
+            else:
+                rest.append(r)
+        self._queue = rest
+        return batch, encode
+
+    def _compute(self, batch: list[_Request], encode: list[ClipImage]) -> list[dict]:
+        """In the encoder thread: encode the new images, then score every request of the batch."""
+        assert self.model is not None and self.scorer is not None
+        if encode:
+            emb = self.model.encode_images(torch.stack([im.pixels for im in encode]))
+            for im, e in zip(encode, emb):
+                self._cache[im.id] = e
+        ids = list(dict.fromkeys(r.image.id for r in batch))
+        for i in ids:
+            self._cache.move_to_end(i)
+        rows = {i: k for k, i in enumerate(ids)}
+        image_emb = torch.stack([self._cache[i] for i in ids])
+        scored = self.scorer.score_texts(image_emb, [(rows[r.image.id], r.texts) for r in batch])
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return [{"logits": list(s.logits), "probs": list(s.probs)} for s in scored]
+
+    async def _serve(self) -> None:
+        assert self._arrived is not None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not self._queue:
+                    self._arrived.clear()
+                    await self._arrived.wait()
+                await self._gather()
+                batch, encode = self._take()
+                if not batch:
+                    continue
+                self.batches += 1
+                self._batch = batch
+                try:
+                    answers = await loop.run_in_executor(self._pool, self._compute, batch, encode)
+                except Exception as e:  # noqa: BLE001 - every further batch would fail alike: stop the run
+                    self._broken = f"CLIP scorer ({self.spec}): {type(e).__name__}: {str(e)[:300]}"
+                    self._fail(batch + self._queue, FatalError(self._broken))
+                    self._queue, self._batch = [], []
+                    continue
+                self._batch = []  # (on cancel it is failed below)
+                for r, a in zip(batch, answers):
+                    if not r.fut.done():
+                        r.fut.set_result(a)
+        finally:
+            self._fail(self._batch + self._queue, FatalError("the CLIP backend was closed"))
+            self._queue, self._batch = [], []
+
+    @staticmethod
+    def _fail(requests: Iterable[_Request], error: BaseException) -> None:
+        for r in requests:
+            if not r.fut.done():
+                r.fut.set_exception(error)

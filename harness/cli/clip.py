@@ -23,14 +23,29 @@ def _workers(v: int | None) -> int:
     return default_workers() if v is None else v
 
 
-def _cmd_run(args) -> int:
-    from harness.backends.clip import ClipRun, run_clip
+def clip_spec(args):
+    """The RunSpec of a `harness clip-run` command line (a `harness run --backend clip` run)."""
+    from harness.runs.spec import RunSpec
 
-    run = ClipRun(model=args.model, data=args.data, out=args.out, template=args.template,
-                  image_root_map=args.image_root_map, batch_size=args.batch_size, workers=_workers(args.workers),
-                  text_batch=args.text_batch, device=args.device, dtype=args.dtype, limit=args.limit,
-                  strict=args.strict, retry_errors=args.retry_errors, force=args.force)
-    return run_clip(run)
+    return RunSpec.model_validate({
+        "out": args.out, "data": args.data, "model": args.model,
+        "backend": {"kind": "clip", "device": args.device, "dtype": args.dtype, "batch_size": args.batch_size,
+                    # --workers 0 (decode in the encoder loop) is one decoding thread now
+                    "workers": None if args.workers is None else max(args.workers, 1), "text_batch": args.text_batch},
+        "task": {"kind": "hierarchy", "mode": "image", "answer": "clip", "template": args.template},
+        "limit": args.limit, "image_root_map": args.image_root_map, "strict": args.strict,
+        "retry_errors": args.retry_errors, "force": args.force})
+
+
+def _cmd_run(args) -> int:
+    from harness.backends.clip import check_template
+    from harness.cli.run import print_result
+    from harness.cli.spec_errors import validated
+    from harness.runs.execute import execute
+
+    check_template(args.template)  # before the model loads
+    spec = validated(clip_spec, args)
+    return print_result(execute(spec, progress=not args.quiet))
 
 
 def _taxonomy_of(path: str, given: str | None) -> str:
@@ -86,17 +101,19 @@ def _common(p: argparse.ArgumentParser, default_model: str) -> None:
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     r = subparsers.add_parser(
-        "clip-run", help="score items with a CLIP/SigLIP model (local, batched); same results.jsonl as `harness run`",
+        "clip-run", help="score items with a CLIP/SigLIP model (local, batched): `harness run --backend clip:MODEL`",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Zero-shot CLIP/SigLIP baseline: per question, the option whose text is most similar to the image "
-                    "(options in file order, as the reference). Writes OUT/results.jsonl (+ per-letter `scores` and "
-                    "`logits`), run.json, summary.json; rerun to resume. Report with `harness report OUT`.")
+                    "(options in file order, as the reference). The same run as `harness run --backend clip:MODEL` (one "
+                    "engine, store and resume): writes OUT/results.jsonl (+ per-letter `scores` and `logits`), "
+                    "run.json, summary.json; rerun to resume. Report with `harness report OUT`.")
     _common(r, DEFAULT_OPEN_CLIP)
     r.add_argument("--out", required=True, metavar="DIR", help="run folder")
     r.add_argument("--text-batch", type=int, default=256, help="texts per text-encoder call")
     r.add_argument("--strict", action="store_true", help="stop at the first invalid input line")
     r.add_argument("--retry-errors", action="store_true", help="score again the questions that failed before")
     r.add_argument("--force", action="store_true", help="resume even if run.json settings differ")
+    r.add_argument("--quiet", action="store_true", help="no progress display")
     r.set_defaults(func=_cmd_run)
 
     m = subparsers.add_parser(
