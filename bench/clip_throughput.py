@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return r, seen["scorer"]
 
     run(work / "warmup", 4)  # allocator, kernels, lazy imports: not counted
+    torch.manual_seed(0)  # `ARCH/random` specs: the run and the reference loop get the same weights
     r, scorer = run(work / "run", args.items)
     t_batched = r.stats["seconds"]  # engine time (model loading excluded)
     recs = [orjson.loads(x) for x in (work / "run" / "results.jsonl").read_bytes().splitlines()]
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     vocab = scorer.stats()["vocab"]
     device = scorer.model.device
 
+    torch.manual_seed(0)
     model = load_model(spec, args.device, args.dtype)
 
     def sync():
