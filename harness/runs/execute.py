@@ -137,13 +137,17 @@ async def _execute(spec: RunSpec, endpoints: list[str], *, dry_run: bool, progre
             from aiolimiter import AsyncLimiter
 
             token_limiter = AsyncLimiter(b.tpm, 60)
-        concurrency = b.concurrency if isinstance(b, EndpointBackend) else b.batch_size * 2
+        clip = isinstance(b, ClipBackend)
+        # a CLIP scorer fills a batch from the questions in flight: 4 levels an image, so 8 per batch slot
+        concurrency = b.batch_size * 8 if clip else b.concurrency
         engine = Engine(
             backend, exp.task, (store := folder.store()).append, concurrency=concurrency,
             group_workers=exp.group_workers, media=spec.media, max_side=spec.max_side,
             retry=RetryPolicy(max_retries=b.max_retries) if isinstance(b, EndpointBackend) else RetryPolicy(0),
             throttle=throttle, token_limiter=token_limiter, cache=cache, dedupe=exp.dedupe,
-            prices=exp.prices, max_cost=spec.max_cost)
+            prices=exp.prices, max_cost=spec.max_cost,
+            prefetch=max(8, b.batch_size) if clip else 8,
+            image_workers=getattr(backend, "image_workers", 4) if clip else 4)
         if on_engine is not None:
             on_engine(engine)
         try:
@@ -161,6 +165,8 @@ async def _execute(spec: RunSpec, endpoints: list[str], *, dry_run: bool, progre
         folder.write_summary(summary)
         unanswered = exp.unanswered(summary)
         status = "fatal" if stats.fatal else "stopped" if stats.stopped else "incomplete" if unanswered else "done"
+        if hasattr(backend, "stats"):
+            extra["backend"] = backend.stats()  # CLIP: encoder calls, images and texts encoded
         folder.write_manifest(kind=exp.kind, spec=recorded, settings=exp.settings, status=status,
                               started=started, stats=stats.to_json(), **extra)
         lines = _lines(stats, exp, summary, folder)
