@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from harness.data.taxonomy import TAXONOMIES
 from harness.runs.execute import RunResult, execute

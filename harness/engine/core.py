@@ -96,6 +96,7 @@ class Stats:
     started: float = field(default_factory=time.monotonic)
     fatal: str | None = None
     stopped: str | None = None
+    unavailable: str | None = None  # the backend stopped answering (the run stops; a requeue resumes it)
 
     def to_json(self) -> dict:
         d = {k: v for k, v in vars(self).items() if k != "started"}

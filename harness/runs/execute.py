@@ -164,7 +164,8 @@ async def _execute(spec: RunSpec, endpoints: list[str], *, dry_run: bool, progre
         summary = exp.summarize(folder.results) if folder.results.exists() else {}
         folder.write_summary(summary)
         unanswered = exp.unanswered(summary)
-        status = "fatal" if stats.fatal else "stopped" if stats.stopped else "incomplete" if unanswered else "done"
+        status = ("fatal" if stats.fatal else "unavailable" if stats.unavailable else "stopped" if stats.stopped
+                  else "incomplete" if unanswered else "done")
         if hasattr(backend, "stats"):
             extra["backend"] = backend.stats()  # CLIP: encoder calls, images and texts encoded
         folder.write_manifest(kind=exp.kind, spec=recorded, settings=exp.settings, status=status,
@@ -174,6 +175,9 @@ async def _execute(spec: RunSpec, endpoints: list[str], *, dry_run: bool, progre
             code = ExitCode.INPUT if isinstance(stats.fatal, str) and stats.fatal.startswith(str(spec.data)) \
                 else ExitCode.FATAL
             return RunResult(folder.path, status, code, summary, stats.to_json(), stats.fatal, lines)
+        if stats.unavailable:
+            return RunResult(folder.path, status, ExitCode.UNAVAILABLE, summary, stats.to_json(),
+                             f"{stats.unavailable}; results kept: run the same command again once it is back", lines)
         if stats.stopped:
             return RunResult(folder.path, status, ExitCode.UNANSWERED, summary, stats.to_json(),
                              f"{stats.stopped}; run the same command again to continue", lines)

@@ -30,6 +30,7 @@ class ExitCode(IntEnum):
     INPUT = 2  # invalid input: a flag, a file, a line (the message names it)
     UNANSWERED = 3  # questions left unanswered (failed, or the run was stopped): rerun to continue
     FATAL = 4  # the backend failed in a way every further request would (bad key, unknown model, ...)
+    UNAVAILABLE = 5  # no backend answered for too long, or nearly every request failed alike: requeue later
 
 
 NOT_ANSWERS = {"answers": False}
