@@ -20,14 +20,26 @@ def _cmd_analyze(args) -> int:
     try:
         from rich.console import Console
 
-        from harness.study.analysis import SHORT_COLUMNS, analyze, fmt, load_runs, render_table, table_rows
+        from harness.study.analysis import (
+            CLASSIFICATION_COLUMNS,
+            SHORT_COLUMNS,
+            analyze,
+            classification_rows,
+            fmt,
+            load_runs,
+            render_table,
+            table_rows,
+        )
     except ModuleNotFoundError as e:  # scipy / matplotlib: the [analysis] extra
         raise ValueError(f"harness analyze needs {e.name}: pip install 'vlm-hierarchy-harness[analysis]'") from None
     runs = load_runs(args.runs)
+    cls = classification_rows(args.runs)
     an = analyze(runs, args.out, pair_text=dict(_pairs(args.pair_text, "--pair-text")),
-                 compare=_pairs(args.compare, "--compare"), draws=args.draws)
+                 compare=_pairs(args.compare, "--compare"), draws=args.draws, classification=cls)
     con = Console(width=None if sys.stdout.isatty() else 200)
     render_table(table_rows(runs), SHORT_COLUMNS, f"{len(runs)} runs", con)
+    if cls:
+        render_table(cls, CLASSIFICATION_COLUMNS, f"{len(cls)} classification runs", con)
     for c in an.correlations:
         con.print(f"text vs visual HCA ({c.scope}, n={c.n}, {c.n_models} models): Pearson {fmt(c.pearson)} "
                   f"[{fmt(c.pearson_ci[0])}, {fmt(c.pearson_ci[1])}], Spearman {fmt(c.spearman)} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -35,3 +36,26 @@ def summarize_path(path: str | Path, score_from: int | None = None) -> dict:
         p = Path(path)
         return {"kind": kind} | summarize_folder(p if p.is_dir() else p.parent)
     return {"kind": "hierarchy"} | summarize_hierarchy(path, score_from).to_json()
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+# The accuracy a classification run kind reports first (its reference scorer), as a path in its summary.
+HEADLINE = {"classify": ("substring", "accuracy"), "loglik": ("sum", "top1"), "wikiqa": ("reference", "accuracy")}
+
+
+def headline(summary: dict) -> tuple[float | None, float | None]:
+    """(main score, leaf accuracy) of a summary from harness.runs.report.summarize_path, by its `kind`:
+    a hierarchy run's HCA and leaf accuracy; a classification run's accuracy (`accuracy` when the
+    summary has one, else its reference scorer's, `HEADLINE`) and no leaf."""
+    kind = summary.get("kind", "hierarchy")
+    if kind == "hierarchy":
+        return _number(summary.get("hca")), _number(summary.get("leaf_acc"))
+    if _number(summary.get("accuracy")) is not None:
+        return _number(summary["accuracy"]), None
+    node: Any = summary
+    for k in HEADLINE.get(kind, ("accuracy",)):
+        node = node.get(k) if isinstance(node, dict) else None
+    return _number(node), None

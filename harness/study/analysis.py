@@ -27,6 +27,8 @@ import numpy as np
 import orjson
 
 from harness.metrics.report import summarize_path
+from harness.runs.report import headline, run_kind
+from harness.runs.report import summarize_path as summarize_run
 from harness.study.records import (
     Correlation,
     Delta,
@@ -114,7 +116,27 @@ def load_run(path: str | Path, label: str | None = None) -> RunInfo:
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[RunInfo]:
-    return [load_run(p, label) for p, label in find_runs(paths)]
+    """The hierarchy runs among `paths` (what the cross-run hierarchy analyses use)."""
+    return [load_run(p, label) for p, label in find_runs(paths) if run_kind(p) == "hierarchy"]
+
+
+CLASSIFICATION_COLUMNS = ["run", "kind", "model", "dataset", "n", "accuracy", "n_errors"]
+
+
+def classification_rows(paths: Sequence[str | Path]) -> list[dict]:
+    """One row per classification run (classify, loglik, wikiqa) among `paths`: its headline accuracy
+    (the kind's reference scorer, harness.runs.report.headline) beside the run's identity."""
+    rows = []
+    for p, label in find_runs(paths):
+        if run_kind(p) == "hierarchy":
+            continue
+        folder = p if p.is_dir() else p.parent
+        summary = summarize_run(folder)
+        settings = read_json(folder / "run.json").get("settings") or {}
+        rows.append({"run": label, "kind": summary["kind"], "model": settings.get("model"),
+                     "dataset": settings.get("dataset") or Path(str(settings.get("data") or "")).name or None,
+                     "n": summary.get("n"), "accuracy": headline(summary)[0], "n_errors": summary.get("n_errors")})
+    return rows
 
 
 def _mean(xs: Iterable[float]) -> float:
@@ -372,6 +394,7 @@ class Analysis:
     levels: list[dict]
     spreads: list[Spread]
     deltas: list[Delta]
+    classification: list[dict] = field(default_factory=list)
     figures: dict[str, Path] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
 
@@ -412,15 +435,17 @@ def _clean(v):
 
 
 def analyze(runs: Sequence[RunInfo], out: str | Path, *, pair_text: dict[str, str] | None = None,
-            compare: Sequence[tuple[str, str]] = (), draws: int = 2000, figures: bool = True) -> Analysis:
-    """Compute every analysis, write tables (CSV, markdown), analysis.json, figures and report.md."""
+            compare: Sequence[tuple[str, str]] = (), draws: int = 2000, figures: bool = True,
+            classification: Sequence[dict] = ()) -> Analysis:
+    """Compute every analysis, write tables (CSV, markdown), analysis.json, figures and report.md.
+    `classification`: rows of classification_rows(), tabulated beside the hierarchy runs."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = list(runs)
     points = text_visual_points(runs, pair_text)
     corrs = correlations(points, draws=draws) if points else []
     an = Analysis(runs, points, corrs, leaf_gap(runs), per_level_rows(runs), variant_spread(runs),
-                  finetune_deltas(runs, compare))
+                  finetune_deltas(runs, compare), list(classification))
     rows = table_rows(runs)
     tables = {
         "runs": (rows, TABLE_COLUMNS),
@@ -430,6 +455,7 @@ def analyze(runs: Sequence[RunInfo], out: str | Path, *, pair_text: dict[str, st
         "per_level": (an.levels, None),
         "variant_spread": ([_spread_row(s) for s in an.spreads], None),
         "finetune_deltas": ([_delta_row(d) for d in an.deltas], None),
+        "classification": (list(classification), CLASSIFICATION_COLUMNS),
     }
     for name, (trs, cols) in tables.items():
         if trs:
@@ -470,6 +496,8 @@ def report_markdown(an: Analysis) -> str:
             md.extend([f"![{title}]({an.figures[name].name})", ""])
 
     md += ["## Results", "", to_markdown(table_rows(an.runs), SHORT_COLUMNS)]
+    if an.classification:
+        md += ["## Classification runs", "", to_markdown(an.classification, CLASSIFICATION_COLUMNS)]
     md += ["## Text HCA vs visual HCA", ""]
     if an.points:
         img("text_vs_visual", "text vs visual HCA")

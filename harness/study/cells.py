@@ -18,7 +18,7 @@ from typing import Any, Literal, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from harness.runs.report import summarize_path
+from harness.runs.report import headline, summarize_path
 from harness.runs.spec import ClassifyTask, EndpointBackend, HierarchyTask, LoglikTask, RunSpec, WikiQATask
 from harness.serving.profiles import load_profile
 from harness.study.plan_spec import Benchmark, ModelEntry, PlanSpec, Variant, Vars
@@ -424,29 +424,6 @@ def blocked_reason(cell: Cell, kinds: Collection[str] | None = None) -> str | No
     return None
 
 
-
-
-def _number(v: Any) -> float | None:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
-
-
-# The accuracy a classification run kind reports first (its reference scorer), as a path in its summary.
-HEADLINE = {"classify": ("substring", "accuracy"), "loglik": ("sum", "top1"), "wikiqa": ("reference", "accuracy")}
-
-
-def headline(summary: dict) -> tuple[float | None, float | None]:
-    """(main score, leaf accuracy) of a summary from harness.runs.report.summarize_path, by its `kind`:
-    a hierarchy run's HCA and leaf accuracy; a classification run's accuracy (`accuracy` when the
-    summary has one, else its reference scorer's, `HEADLINE`) and no leaf."""
-    kind = summary.get("kind", "hierarchy")
-    if kind == "hierarchy":
-        return _number(summary.get("hca")), _number(summary.get("leaf_acc"))
-    if _number(summary.get("accuracy")) is not None:
-        return _number(summary["accuracy"]), None
-    node: Any = summary
-    for k in HEADLINE.get(kind, ("accuracy",)):
-        node = node.get(k) if isinstance(node, dict) else None
-    return _number(node), None
 
 
 def cell_scores(cell: Cell) -> tuple[float | None, float | None]:

@@ -123,3 +123,27 @@ def test_old_generation_folder_resumes_and_reports(data, tmp_path, capsys):
         assert main(argv[:-1] + ["6"]) == 0
     assert json.loads((out / "run.json").read_text())["kind"] == "classify"
     assert len(_lines(out)) == 6
+
+
+def test_analyze_tabulates_classification_runs_beside_hierarchy_runs(data, tmp_path):
+    """`harness analyze` reads a classification folder by its kind (its headline accuracy), not as a
+    hierarchy run with zero items."""
+    from harness.study.analysis import classification_rows, load_runs
+    from tests.support.engine_helpers import CUB_SIMILAR
+
+    with StubThread(FirstCandidate()) as st:
+        for name, task, d in (("cls", {"kind": "classify", "classes": str(data / "classes.json"), "task": "closed",
+                                       "k": 3}, data / "items.jsonl"),
+                              ("hier", {"mode": "text"}, CUB_SIMILAR)):
+            spec = RunSpec(out=str(tmp_path / "runs" / name), data=str(d), limit=10, task=task,
+                           backend={"endpoints": [st.url], "api_key_env": KEY_ENV},
+                           image_root_map=[f"./data={data / 'img'}"])
+            assert harness.run(spec).exit_code == 0
+    runs = load_runs([tmp_path / "runs"])
+    assert [r.label for r in runs] == ["hier"] and runs[0].summary.n_items == 10
+    (row,) = classification_rows([tmp_path / "runs"])
+    summary = harness.report([tmp_path / "runs" / "cls"])[0]
+    assert row["kind"] == "classify" and row["n"] == 10 and row["accuracy"] == summary["substring"]["accuracy"]
+    assert main(["analyze", str(tmp_path / "runs"), "--out", str(tmp_path / "an"), "--draws", "50"]) == 0
+    assert "## Classification runs" in (tmp_path / "an" / "report.md").read_text()
+    assert (tmp_path / "an" / "classification.csv").read_text().count("\n") == 2
