@@ -59,12 +59,17 @@ class ItemError(ValueError):
         super().__init__(f"{where}: {message}")
 
 
+BOM = b"\xef\xbb\xbf"
+
+
 @dataclass
 class ReadReport:
     """What a non-strict read skipped, and why."""
 
     errors: list[ItemError] = field(default_factory=list)
     n_read: int = 0
+    duplicates: int = 0  # items whose id (image) appeared before: asked again as `id#k`
+    first_duplicate: str | None = None  # "file:line: id" of the first one
 
     def __bool__(self) -> bool:
         return bool(self.errors)
@@ -173,6 +178,8 @@ def iter_jsonl(path: str | Path, *, objects: bool = True) -> Iterator[tuple[int,
     path = Path(path)
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(BOM)
             if raw.strip():
                 yield lineno, load_json_line(raw, path, lineno, objects=objects)
 
@@ -188,7 +195,12 @@ def detect_taxonomy(path: str | Path, given: str | None = None) -> str:
         if given not in TAXONOMIES:
             raise ValueError(f"unknown taxonomy {given!r}; known: {', '.join(TAXONOMIES)}")
         return given
-    items = list(islice(read_items(path, strict=False), 500))
+    report = ReadReport()
+    items = list(islice(read_items(path, strict=False, report=report), 500))
+    if not items:
+        if report.errors:
+            raise ValueError(f"{path}: no valid item among the first lines; first error: {report.errors[0]}")
+        raise ValueError(f"{path}: no items (the file is empty)")
     declared = {i.taxonomy for i in items if i.taxonomy}
     if len(declared) == 1:
         return declared.pop()
@@ -220,6 +232,8 @@ def read_items(
     path = Path(path)
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(BOM)  # a UTF-8 byte-order mark (files saved by some editors)
             if not raw.strip():
                 continue
             try:
@@ -234,6 +248,10 @@ def read_items(
             k = seen.get(h, 0)
             seen[h] = k + 1
             if k:
+                if report is not None:
+                    report.duplicates += 1
+                    if report.first_duplicate is None:
+                        report.first_duplicate = f"{path}:{lineno}: {item.id}"
                 item = Item(f"{item.id}#{k + 1}", item.image, item.label, item.levels, item.line,
                             item.taxonomy, item.split)
             if report is not None:

@@ -7,7 +7,10 @@ from collections import Counter
 
 import pytest
 
-from harness.data.items import ItemError, ReadReport, parse_root_map, read_items, remap
+from harness.data.items import ItemError, ReadReport, detect_taxonomy, parse_root_map, read_items, remap
+from harness.paths import data_dir
+
+REPO_CUB = data_dir("hierarchy") / "CUB200_with_similar_choice.jsonl"
 from harness.data.stats import stats
 
 AUTHORS_PREFIX = "/projectnb/ivc-ml/yuwentan/dataset"
@@ -225,3 +228,30 @@ def test_parse_root_map():
     assert remap("/a/b/c/d.jpg", parse_root_map(["/a=/b", "/a/b/c=/z"])) == "/z/d.jpg"
     with pytest.raises(ValueError, match="OLD=NEW"):
         parse_root_map(["/no/equals/sign"])
+
+
+def test_a_byte_order_mark_does_not_lose_the_first_item(tmp_path):
+    lines = (REPO_CUB.read_bytes().splitlines())[:3]
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")
+    report = ReadReport()
+    assert len(list(read_items(p, strict=False, report=report))) == 3 and not report.errors
+
+
+def test_duplicate_items_are_counted_and_named(tmp_path):
+    lines = (REPO_CUB.read_bytes().splitlines())[:2]
+    p = tmp_path / "dup.jsonl"
+    p.write_bytes(b"\n".join(lines + lines[:1]) + b"\n")
+    report = ReadReport()
+    items = list(read_items(p, report=report))
+    assert [i.id.endswith("#2") for i in items] == [False, False, True]
+    assert report.duplicates == 1 and report.first_duplicate.startswith(f"{p}:3: ")
+
+
+def test_an_empty_file_says_so(tmp_path):
+    (tmp_path / "e.jsonl").write_bytes(b"\n\n")
+    with pytest.raises(ValueError, match="no items \\(the file is empty\\)"):
+        detect_taxonomy(tmp_path / "e.jsonl")
+    (tmp_path / "bad.jsonl").write_bytes(b'{"image": 1}\n')
+    with pytest.raises(ValueError, match="no valid item among the first lines; first error: .*bad.jsonl:1"):
+        detect_taxonomy(tmp_path / "bad.jsonl")
