@@ -15,6 +15,7 @@ from harness import __version__
 COMMANDS = [
     "harness.cli.run",
     "harness.cli.report",
+    "harness.cli.show",
     "harness.cli.data",
     "harness.cli.build",
     "harness.cli.batch",
