@@ -59,6 +59,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tpm", type=int, help="tokens per minute budget (estimated)")
     g.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
     g.add_argument("--max-retries", type=int, default=8)
+    g.add_argument("--server-timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="--model without --endpoint: seconds the local server may take to start (first download, large model)")
     g.add_argument("--media", choices=["base64", "file"], default="base64",
                    help="file: send file:// URLs (vLLM with --allowed-local-media-path)")
     g.add_argument("--max-side", type=int, help="resize images whose longest side is larger (reference: 1680)")
@@ -92,7 +94,7 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     else:
         backend = {"kind": "openai", "endpoints": args.endpoint, "api_key_env": args.api_key_env,
                    "concurrency": args.concurrency, "rps": args.rps, "tpm": args.tpm, "timeout": args.timeout,
-                   "max_retries": args.max_retries}
+                   "max_retries": args.max_retries, "server_timeout": args.server_timeout}
     task = {"kind": "hierarchy", "taxonomy": args.taxonomy, "mode": args.mode, "prompt_variant": args.prompt_variant,
             "profile": args.profile, "protocol": args.protocol, "preset": args.preset, "answer": args.answer,
             "system": args.system, "suffix": args.suffix, "taxonomy_cot": args.taxonomy_cot,

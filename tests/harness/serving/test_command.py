@@ -24,8 +24,11 @@ def test_vllm_command_from_a_profile_cli_and_module():
     cli = vllm_command(prof, host="127.0.0.1", port=9000, extra=["--max-num-seqs", "8"])
     assert cli[:3] == ["vllm", "serve", "Qwen/Qwen2.5-VL-7B-Instruct"]
     assert cli[3:] == prof.vllm_args(host="127.0.0.1", port=9000)[1:] + ["--max-num-seqs", "8"]
-    mod = vllm_command(prof, model="/w/merged", port=9000, served_model_name="tuned", launcher="module")
-    assert mod[:5] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "/w/merged"]
+    mod = vllm_command(prof, model="/w/merged", port=9000, served_model_name="tuned", launcher="python")
+    assert mod[:2] == [sys.executable, "-c"] and mod[3:5] == ["serve", "/w/merged"]
+    assert "from vllm.entrypoints.cli.main import main" in mod[2]  # the `vllm serve` CLI, not api_server
+    assert vllm_command(prof, model="/w/merged", port=9000, launcher="module") == \
+        vllm_command(prof, model="/w/merged", port=9000, launcher="python")  # the old name: same command
     assert mod[mod.index("--served-model-name") + 1:][:2] == ["tuned", "qwen2.5-vl-7b"]
     assert _flag(mod, "--limit-mm-per-prompt") == '{"image": 1}'
 
@@ -95,8 +98,8 @@ def _capture_server(monkeypatch) -> list[list[str]]:
 
 def test_local_server_uses_the_profile_of_a_study_model(monkeypatch):
     cmds = _capture_server(monkeypatch)
-    with launcher.local_server("qwen2.5-vl-7b", quiet=True) as (_, served):
-        assert served == "qwen2.5-vl-7b"
+    with launcher.local_server("qwen2.5-vl-7b", quiet=True) as server:
+        assert server.model == "qwen2.5-vl-7b"
     (cmd,) = cmds
     assert cmd[2] == "Qwen/Qwen2.5-VL-7B-Instruct"  # a profile name is not a weights folder
     assert cmd[cmd.index("--served-model-name") + 1] == "qwen2.5-vl-7b"
@@ -106,8 +109,8 @@ def test_local_server_uses_the_profile_of_a_study_model(monkeypatch):
 def test_local_server_serves_a_bare_folder_under_its_own_name(monkeypatch, tmp_path):
     cmds = _capture_server(monkeypatch)
     model = str(tmp_path / "merged")
-    with launcher.local_server(model, quiet=True) as (_, served):
-        assert served == model
+    with launcher.local_server(model, quiet=True) as server:
+        assert server.model == model
     (cmd,) = cmds
     assert cmd[:3] == ["vllm", "serve", model] and _flag(cmd, "--served-model-name") == model
     assert "--max-model-len" not in cmd
@@ -120,3 +123,82 @@ def test_local_server_does_not_swallow_a_broken_profile(monkeypatch, tmp_path):
     with pytest.raises(ProfileError, match=str(d / "mine.toml")), launcher.local_server("mine", quiet=True):
         pass
     assert cmds == []  # nothing started
+
+
+def test_local_server_with_an_explicit_profile_serves_a_local_folder_with_its_arguments(monkeypatch, tmp_path):
+    """`harness run --model /weights --profile qwen2.5-vl-7b`: the profile's vLLM arguments, the folder as weights."""
+    cmds = _capture_server(monkeypatch)
+    weights = tmp_path / "qwen-ft"
+    weights.mkdir()
+    with launcher.local_server(str(weights), profile="qwen2.5-vl-7b", quiet=True) as server:
+        assert server.model == str(weights)
+    (cmd,) = cmds
+    prof = load_profile("qwen2.5-vl-7b")
+    assert cmd[:3] == ["vllm", "serve", str(weights)]
+    assert _flag(cmd, "--max-model-len") == "16384" and _flag(cmd, "--limit-mm-per-prompt") == '{"image": 1}'
+    assert _flag(cmd, "--gpu-memory-utilization") == f"{prof.vllm.gpu_memory_utilization:g}"
+    assert cmd[cmd.index("--served-model-name") + 1:][:2] == [str(weights), "qwen2.5-vl-7b"]
+    assert _flag(cmd, "--host") == "127.0.0.1"
+
+
+def test_local_server_passes_its_key_to_the_health_wait_and_names_it(monkeypatch, tmp_path):
+    seen: list[dict] = []
+
+    @contextlib.contextmanager
+    def fake(cmd, port, **kw):
+        seen.append(kw)
+        yield f"http://127.0.0.1:{port}/v1"
+
+    monkeypatch.setattr(launcher, "managed_server", fake)
+    monkeypatch.setattr(launcher, "choose_backend", lambda requested="auto": "vllm")
+    monkeypatch.setattr(launcher, "default_launcher", lambda: "cli")
+    monkeypatch.setenv("VLLM_API_KEY", "sekrit")
+    with launcher.local_server(str(tmp_path), quiet=True) as server:
+        assert server.api_key_env == "VLLM_API_KEY"
+    assert seen[0]["api_key"] == "sekrit" and seen[0]["env"]["VLLM_API_KEY"] == "sekrit"
+    assert "sekrit" not in " ".join(str(v) for k, v in seen[0].items() if k != "env" and k != "api_key")
+    assert "--server-timeout" in seen[0]["timeout_hint"]
+    monkeypatch.delenv("VLLM_API_KEY")
+    with launcher.local_server(str(tmp_path), quiet=True, timeout=12) as server:
+        assert server.api_key_env is None
+    assert seen[1]["api_key"] is None and "VLLM_API_KEY" not in seen[1]["env"] and seen[1]["timeout"] == 12
+
+
+@pytest.mark.parametrize(("cuda", "device"), [(True, "cuda"), (False, "cpu")])
+def test_the_transformers_fallback_uses_the_gpu_when_there_is_one(monkeypatch, tmp_path, cuda, device):
+    import types
+
+    fake_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: cuda))
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    assert command.gpu_available() is cuda
+    assert command.transformers_device() == device
+    assert _flag(command.transformers_command("/m", 8000), "--device") == device
+    assert _flag(command.transformers_command("/m", 8000, device="cuda:1"), "--device") == "cuda:1"
+    # and the launcher's fallback (vLLM absent) starts it so
+    cmds: list[list[str]] = []
+
+    @contextlib.contextmanager
+    def fake(cmd, port, **kw):
+        cmds.append(cmd)
+        yield f"http://127.0.0.1:{port}/v1"
+
+    monkeypatch.setattr(launcher, "managed_server", fake)
+    monkeypatch.setattr(launcher, "transformers_available", lambda: True)
+    monkeypatch.setattr(command, "vllm_available", lambda: False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with launcher.local_server(str(tmp_path), quiet=True):
+        pass
+    assert _flag(cmds[0], "--device") == device
+
+
+def test_default_launcher_and_a_separate_vllm_python(monkeypatch):
+    monkeypatch.setenv(command.VLLM_PYTHON_ENV, "/opt/vllm-venv/bin/python")
+    assert command.default_launcher() == "python"
+    argv = vllm_command(model="/m", port=1)
+    assert argv[:3] == ["vllm", "serve", "/m"]
+    argv = vllm_command(model="/m", port=1, launcher=command.default_launcher())
+    assert argv[0] == "/opt/vllm-venv/bin/python" and argv[3:5] == ["serve", "/m"]
+    assert command.vllm_available() is False  # no such interpreter
+    monkeypatch.delenv(command.VLLM_PYTHON_ENV)
+    monkeypatch.setattr(command.shutil, "which", lambda name: None)
+    assert command.default_launcher() == "python"

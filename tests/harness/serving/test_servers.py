@@ -353,10 +353,28 @@ def test_serve_dry_run_options_and_passthrough(capsys, tmp_path):
     assert _flag(argv, "--allowed-local-media-path") == "/img"
     assert argv[-3:] == ["--max-num-seqs", "64", "--enable-prefix-caching"]
     # options may also come before the profile
-    assert _serve(["--dry-run", "--launcher", "module", "internlm2.5-7b-chat"]) == 0
+    assert _serve(["--dry-run", "--launcher", "python", "internlm2.5-7b-chat"]) == 0
     argv = shlex.split(capsys.readouterr().out.strip().splitlines()[0])
-    assert argv[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "internlm/internlm2_5-7b-chat"]
+    assert argv[1] == "-c" and "vllm.entrypoints.cli.main" in argv[2]  # `vllm serve`, run by this python
+    assert argv[3:5] == ["serve", "internlm/internlm2_5-7b-chat"]
     assert "--trust-remote-code" in argv
+    assert all("api_server" not in a for a in argv)  # never the deprecated entrypoint
+
+
+def test_serve_a_local_folder_with_a_profile(capsys, tmp_path):
+    """`harness serve DIR --profile NAME` serves the folder with the profile's vLLM arguments."""
+    model = tmp_path / "weights"
+    model.mkdir()
+    assert _serve([str(model), "--profile", "qwen2.5-vl-7b", "--dry-run", "--port", "9101"]) == 0
+    argv = shlex.split(capsys.readouterr().out.strip().splitlines()[0])
+    assert argv[:3] == ["vllm", "serve", str(model)]
+    assert _flag(argv, "--max-model-len") == "16384" and _flag(argv, "--limit-mm-per-prompt") == '{"image": 1}'
+    assert argv[argv.index("--served-model-name") + 1:][:2] == ["Qwen/Qwen2.5-VL-7B-Instruct", "qwen2.5-vl-7b"]
+    assert _serve(["--profile", "qwen2.5-vl-7b", "--dry-run"]) == 0  # --profile alone names the profile
+    assert shlex.split(capsys.readouterr().out.strip().splitlines()[0])[2] == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert _serve([str(model), "--dry-run"]) == 2  # a folder without a profile: say how to name one
+    assert "--profile NAME" in capsys.readouterr().err
+    assert _serve([str(model), "--profile", "qwen2.5-vl-7b", "--model-path", str(model), "--dry-run"]) == 2
 
 
 def test_serve_errors(capsys, monkeypatch):
@@ -376,6 +394,7 @@ def test_serve_execs_vllm_with_key_in_environment_only(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(serve_cli, "vllm_available", lambda: True)
     monkeypatch.setattr(command.shutil, "which", lambda name: "/usr/bin/vllm")
+    monkeypatch.setattr(command, "_vllm_dist", lambda: True)
     monkeypatch.setattr(serve_cli.os, "execvpe", lambda file, argv, env: calls.append((file, argv, env)))
     monkeypatch.setenv("MY_KEY", "k-123456789")
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
