@@ -25,6 +25,7 @@ COMMANDS = [
     "harness.cli.classify",
     "harness.cli.plan",
     "harness.cli.analyze",
+    "harness.cli.view",
     "probes.cli",
     "finetune.cli",
 ]

@@ -16,6 +16,8 @@ def add_cli(sub) -> None:
     r.add_argument("--json", action="store_true", help="print one JSON object (a list for several inputs)")
     r.add_argument("--csv", metavar="FILE")
     r.add_argument("--markdown", metavar="FILE")
+    r.add_argument("--html", metavar="OUT.html",
+                   help="also write one self-contained HTML report (figures, taxonomy map, failure gallery)")
     r.add_argument("--score-from", type=int, default=None,
                    help="reference-format files: first scored level (default: 1, or 2 when level 1 is the root)")
     r.set_defaults(func=cmd_report)
@@ -48,6 +50,11 @@ def cmd_report(args) -> int:
         Path(args.csv).write_text(to_csv(results))
     if args.markdown:
         Path(args.markdown).write_text(to_markdown(results))
+    if args.html:
+        from harness.view.report import write_html
+
+        folders = [str(Path(p).parent) if Path(p).is_file() else p for p in args.paths]
+        print(f"harness report: wrote {write_html(folders, args.html)}", file=sys.stderr)
     if args.json:
         objs = [cls[p] | {"run": _name(p)} if p in cls else by_path[p][1].to_json() | {"run": by_path[p][0]}
                 for p in args.paths]

@@ -25,6 +25,7 @@ LAYERS = {
     "harness.runs": 6,
     "harness.serving": 6,
     "harness.study": 7,
+    "harness.view": 7,  # the viewer reads runs, metrics and data; nothing below imports it
     "probes": 7,
     "finetune": 7,
     "harness.api": 8,
