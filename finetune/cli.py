@@ -22,7 +22,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--split-by", choices=["species", "image", "none"], default="species",
                    help="what train and eval must not share")
     d.add_argument("--eval-fraction", type=float, default=0.3, help="share of species (or images) held out")
-    d.add_argument("--split-seed", type=int, default=0)
+    d.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the stable train/eval hash (another seed, another split)")
     d.add_argument("--answer", choices=["letter", "option", "letter_option"], default="letter",
                    help="assistant turn: the letter, the option text, or 'B. text'")
     d.add_argument("--prompt-variant", default=None, help="0..4 for both modes (default 0, or the --profile's)")
@@ -43,30 +44,39 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--data", required=True, nargs="+", help="SFT files (ours or LLaVA JSON)")
     t.add_argument("--out", required=True, help="run folder (checkpoints, adapter/, train.json, log.jsonl)")
     t.add_argument("--eval-data", nargs="*", default=[], help="SFT files for the eval loss")
-    t.add_argument("--image-root-map", action="append", default=[], metavar="OLD=NEW")
-    t.add_argument("--limit", type=int)
-    t.add_argument("--lora-r", type=int, default=64)
-    t.add_argument("--lora-alpha", type=int, default=64)
-    t.add_argument("--lora-dropout", type=float, default=0.2)
+    t.add_argument("--image-root-map", action="append", default=[], metavar="OLD=NEW",
+                   help="image path prefix rewrite (repeatable)")
+    t.add_argument("--limit", type=int, help="first N training conversations only")
+    t.add_argument("--lora-r", type=int, default=64,
+                   help="LoRA rank (adapters on every Linear of the language model)")
+    t.add_argument("--lora-alpha", type=int, default=64, help="LoRA alpha: the update is scaled by alpha / r")
+    t.add_argument("--lora-dropout", type=float, default=0.2, help="dropout on the LoRA branch's input")
     t.add_argument("--tune-projector", action="store_true", help="train the vision-language projector too")
-    t.add_argument("--lr", type=float, default=5e-5)
-    t.add_argument("--weight-decay", type=float, default=0.1)
-    t.add_argument("--warmup-ratio", type=float, default=0.03)
-    t.add_argument("--scheduler", default="cosine")
-    t.add_argument("--epochs", type=float, default=1.0)
-    t.add_argument("--max-steps", type=int, default=-1)
+    t.add_argument("--lr", type=float, default=5e-5, help="AdamW peak learning rate")
+    t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (not on biases and norms)")
+    t.add_argument("--warmup-ratio", type=float, default=0.03, help="warm-up, as a share of the total steps")
+    t.add_argument("--scheduler", default="cosine",
+                   help="learning-rate schedule after warm-up (a transformers lr_scheduler_type: cosine, linear, "
+                        "constant, ...)")
+    t.add_argument("--epochs", type=float, default=1.0, help="passes over the training data (may be fractional)")
+    t.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: run --epochs)")
     t.add_argument("--global-batch", type=int, default=128, help="examples per optimizer step, all devices")
-    t.add_argument("--per-device-batch", type=int, default=16)
+    t.add_argument("--per-device-batch", type=int, default=16,
+                   help="examples per forward on each device; gradient accumulation makes up --global-batch")
     t.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="auto: bf16 on a GPU that supports it, else fp32")
-    t.add_argument("--no-gradient-checkpointing", action="store_true")
-    t.add_argument("--max-length", type=int)
+    t.add_argument("--no-gradient-checkpointing", action="store_true",
+                   help="keep activations instead of recomputing them (faster, more memory)")
+    t.add_argument("--max-length", type=int,
+                   help="stop at a conversation longer than this many tokens (never truncated: that would cut the "
+                        "answer); default: no limit")
     t.add_argument("--max-side", type=int, help="cap the longest image side (reference Qwen: 1680)")
-    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--seed", type=int, default=42, help="seed of the LoRA initialisation and the data order")
     t.add_argument("--deepspeed", help="`zero2` or a DeepSpeed JSON config")
-    t.add_argument("--save-steps", type=int, default=500)
-    t.add_argument("--save-total-limit", type=int, default=2)
-    t.add_argument("--logging-steps", type=int, default=10)
+    t.add_argument("--save-steps", type=int, default=500,
+                   help="optimizer steps between checkpoints (checkpoint-N/; a rerun resumes from the newest)")
+    t.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (older ones are deleted)")
+    t.add_argument("--logging-steps", type=int, default=10, help="optimizer steps between log lines (log.jsonl)")
     t.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (image decoding)")
     t.add_argument("--force", action="store_true", help="resume even if train.json settings differ")
     t.add_argument("--quiet", action="store_true", help="no per-step log lines (log.jsonl still has them)")
@@ -74,7 +84,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
     m = sub.add_parser("merge", formatter_class=fmt, help="merge an adapter into its base: a standalone model folder")
     m.add_argument("adapter", help="adapter folder (RUN/adapter)")
-    m.add_argument("--out", required=True)
+    m.add_argument("--out", required=True, help="folder of the merged model (weights, processor, generation config)")
     m.add_argument("--base", help="base model (default: the one the adapter was trained on)")
     m.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: the training dtype")
     m.set_defaults(func=cmd_merge)
@@ -91,12 +101,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     c = sub.add_parser("compare", formatter_class=fmt,
                        help="visual and text HCA of base vs tuned (four runs and the deltas)")
     c.add_argument("--data", required=True, help="held-out items (items_eval.jsonl of `finetune data`)")
-    c.add_argument("--out", required=True)
+    c.add_argument("--out", required=True,
+                   help="folder of the four runs (base-image, tuned-text, ...) and compare.md / compare.json")
     c.add_argument("--base-model", required=True, help="served name of the base model (or a local path)")
     c.add_argument("--tuned-model", required=True, help="served name of the adapter, or a merged model path")
     c.add_argument("--endpoint", action="append", default=[], help="server(s) for both models")
     c.add_argument("--tuned-endpoint", action="append", default=[], help="server(s) of the tuned model if different")
-    c.add_argument("--modes", default="image,text")
+    c.add_argument("--modes", default="image,text", help="comma list of image, text: the modes compared")
     c.add_argument("run_args", nargs=argparse.REMAINDER, help="after `--`: options for every `harness run`")
     c.set_defaults(func=cmd_compare)
 

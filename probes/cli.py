@@ -32,10 +32,11 @@ def _add_model_args(p) -> None:
     p.add_argument("--shard-size", type=int, default=1024, help="rows per shard file (a multiple of --batch-size)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", help="model dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--store-dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--store-dtype", default="float16", choices=["float16", "float32"],
+                   help="precision of the stored features (float32 when values exceed the float16 range)")
     p.add_argument("--limit", type=int, default=None, help="stop after this many inputs (a later run continues)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable input (default: record and go on)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
 
 
 def add_cli(subparsers) -> None:
@@ -51,7 +52,8 @@ def add_cli(subparsers) -> None:
                    help="hierarchy-vision (default), hierarchy-llm, classification (see probes/recipes.toml)")
     e.add_argument("--max-side", type=int, default=None, help="Qwen size rule: longest-side cap (recipe default)")
     e.add_argument("--max-pixels", type=int, default=None, help="Qwen size rule: max pixels after the cap")
-    e.add_argument("--image-root-map", action="append", default=[], metavar="OLD=NEW")
+    e.add_argument("--image-root-map", action="append", default=[], metavar="OLD=NEW",
+                   help="image path prefix rewrite (repeatable; the shipped files carry the authors' paths)")
     e.add_argument("--skip-unmatched", action="store_true", help="skip records whose label is not in the taxonomy")
     e.set_defaults(func=cmd_extract)
 
@@ -61,7 +63,8 @@ def add_cli(subparsers) -> None:
     t.add_argument("--split", action="append", default=[], metavar="NAME=FILE",
                    help="species -> path file of a split (default for cub / inat_plant: the shipped "
                         "species-disjoint train/test files in data/probing)")
-    t.add_argument("--recipe", default="text")
+    t.add_argument("--recipe", default="text",
+                   help="text-probing recipe of probes/recipes.toml (system prompt, sentence, sites, pools)")
     t.add_argument("--no-leaf", action="store_true", help="no species-level sentences (as the reference)")
     t.set_defaults(func=cmd_text)
 
@@ -70,24 +73,27 @@ def add_cli(subparsers) -> None:
     r.add_argument("--out", required=True, help="results folder: one subfolder per feature")
     r.add_argument("--feature", action="append", default=[], metavar="KEY",
                    help="feature key or shell pattern (e.g. projector.mean, 'llm.*.mean'); repeatable")
-    r.add_argument("--probe", choices=["linear", "mlp"], default="linear")
-    r.add_argument("--epochs", type=int, default=500)
-    r.add_argument("--lr", type=float, default=1e-4)
-    r.add_argument("--batch-size", type=int, default=512)
+    r.add_argument("--probe", choices=["linear", "mlp"], default="linear",
+                   help="linear: nn.Linear(d, C) per level; mlp: Linear(d, d) -> ReLU -> Linear(d, C) (the reference's)")
+    r.add_argument("--epochs", type=int, default=500, help="training epochs per level (the reference: 500)")
+    r.add_argument("--lr", type=float, default=1e-4,
+                   help="Adam learning rate (the hierarchy paper: 1e-4; the classification study: 1e-3)")
+    r.add_argument("--batch-size", type=int, default=512, help="training rows per step, in stored order")
     r.add_argument("--select", choices=["val", "last", "reference"], default="val",
                    help="epoch selection: val (default), last, or reference (best TEST epoch, as the paper)")
-    r.add_argument("--val-fraction", type=float, default=0.1)
-    r.add_argument("--seed", type=int, default=42)
+    r.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the training groups held out for validation by a stable hash (--select val)")
+    r.add_argument("--seed", type=int, default=42, help="seed of the probe initialisation and the validation hold-out")
     r.add_argument("--levels", type=_levels, default=None, help="e.g. 1,2,3 (default: every probeable level)")
-    r.add_argument("--train-split", default="train")
-    r.add_argument("--test-split", default="test")
-    r.add_argument("--device", default="auto")
+    r.add_argument("--train-split", default="train", help="store split the probes are trained (and validated) on")
+    r.add_argument("--test-split", default="test", help="store split the probes are scored on (accuracy, probe HCA)")
+    r.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     r.add_argument("--no-plots", action="store_true", help="skip the PNG curves")
     r.add_argument("--json", action="store_true", help="print the results as JSON")
     r.set_defaults(func=cmd_train)
 
     i = sub.add_parser("info", help="describe a feature store")
-    i.add_argument("store")
+    i.add_argument("store", help="feature store folder")
     i.set_defaults(func=cmd_info)
 
 

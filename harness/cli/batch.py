@@ -20,7 +20,7 @@ def add_cli(sub) -> None:
     add_run_arguments(s)
     s.set_defaults(func=cmd_submit)
     c = bsub.add_parser("collect", help="download finished batches into DIR/results.jsonl")
-    c.add_argument("out", metavar="DIR")
+    c.add_argument("out", metavar="DIR", help="the run folder given to `harness batch submit` as --out")
     c.add_argument("--wait", action="store_true", help="poll until every batch has ended")
     c.add_argument("--poll", type=float, default=30.0, help="seconds between polls with --wait")
     c.add_argument("--api-key-env", default=None, help="default: the one recorded at submit")

@@ -127,7 +127,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         description="Measure distractor hardness: per level (from level 2), the share of distractors whose "
                     "parent in the taxonomy is the truth's parent (sibling share). Shipped CUB files: random "
                     "0.9% at species; similar 26.6% at species, 23.2% at genus.")
-    s.add_argument("file", metavar="ITEMS.jsonl")
+    s.add_argument("file", metavar="ITEMS.jsonl", help="items file to measure (reference annotation format)")
     s.add_argument("--taxonomy", default=None,
                    help="taxonomy id or file (default: the items' taxonomy field, else guessed from labels)")
     s.add_argument("--json", action="store_true", help="print one JSON object")

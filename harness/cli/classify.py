@@ -21,7 +21,7 @@ from pathlib import Path
 import orjson
 
 from harness.runs.execute import execute
-from harness.runs.spec import RunSpec
+from harness.runs.spec import ClassifyTask, EndpointBackend, LoglikTask, RunSpec, WikiQATask
 
 # ---------------------------------------------------------------- arguments
 
@@ -44,7 +44,7 @@ def _transport(p: argparse.ArgumentParser) -> None:
     g.add_argument("--retry-errors", action="store_true", help="ask again what failed before")
     g.add_argument("--force", action="store_true", help="resume even if run.json settings differ")
     g.add_argument("--dry-run", action="store_true", help="print the first requests (images elided); send nothing")
-    g.add_argument("--quiet", action="store_true")
+    g.add_argument("--quiet", action="store_true", help="no progress display")
 
 
 def _style_args(p: argparse.ArgumentParser, *, max_tokens: bool = True) -> None:
@@ -56,6 +56,13 @@ def _style_args(p: argparse.ArgumentParser, *, max_tokens: bool = True) -> None:
     if max_tokens:
         g.add_argument("--max-tokens", type=int)
         g.add_argument("--temperature", type=float, default=0.0)
+
+
+def _field_help(p: argparse.ArgumentParser, task) -> None:
+    """Flags without help: the description of their field (the task's first: `--seed` is the task's)."""
+    from harness.cli.spec_help import help_from_fields
+
+    help_from_fields(p, task, RunSpec, EndpointBackend)
 
 
 def _dataset_args(p: argparse.ArgumentParser) -> None:
@@ -86,6 +93,7 @@ def add_cli(sub) -> None:
     g.add_argument("--seed", type=int, default=1234)
     _style_args(r)
     _transport(r)
+    _field_help(r, ClassifyTask)
     r.set_defaults(func=cmd_run)
 
     ll = cs.add_parser("loglik", help="score every class name by its log-likelihood (vLLM prompt_logprobs)",
@@ -102,6 +110,7 @@ def add_cli(sub) -> None:
     g.add_argument("--group-workers", type=int, default=2, help="images in flight (each fans out over the classes)")
     _style_args(ll, max_tokens=False)
     _transport(ll)
+    _field_help(ll, LoglikTask)
     ll.set_defaults(func=cmd_loglik)
 
     w = cs.add_parser("wikiqa", help="ImageWikiQA (2,000 four-choice knowledge questions)", formatter_class=fmt)
@@ -111,10 +120,12 @@ def add_cli(sub) -> None:
                    help="classname: 'this object' -> the class name, text only; noimage: the question without the image")
     _style_args(w)
     _transport(w)
+    _field_help(w, WikiQATask)
     w.set_defaults(func=cmd_wikiqa)
 
     s = cs.add_parser("score", help="metrics of classify run folders", formatter_class=fmt)
-    s.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    s.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="classify, loglik or wikiqa run folders (each scored and printed in turn)")
     s.add_argument("--synonyms", help="JSON {class: [synonyms]} or JSONL {class, synonyms}: extra names for the scorers")
     s.add_argument("--map", choices=["none", "nli", "embedding"], default="none",
                    help="map answers that are not a candidate into the label set (closed / N-way runs)")
@@ -122,7 +133,7 @@ def add_cli(sub) -> None:
     s.add_argument("--direct", choices=["none", "exact", "contained"], default="contained",
                    help="answers taken without mapping: exact = the answer is a candidate; contained = names exactly one")
     s.add_argument("--device", help="torch device of the mapper (cpu, cuda, ...)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the metrics as JSON (one object, a list for several runs)")
     s.set_defaults(func=cmd_score)
 
     f = cs.add_parser("freq", help="class-name frequency in a corpus vs per-class accuracy", formatter_class=fmt)
@@ -132,7 +143,9 @@ def add_cli(sub) -> None:
     f.add_argument("--classes", help="class list JSON (default: the run's)")
     f.add_argument("--scorer", choices=["substring", "exact", "corrected"], default="substring",
                    help="per-class accuracy of generation runs (the reference: substring)")
-    f.add_argument("--tokenizer", choices=["treebank", "nltk", "split"], default="treebank")
+    f.add_argument("--tokenizer", choices=["treebank", "nltk", "split"], default="treebank",
+                   help="how texts and class names are tokenized for matching: treebank (NLTK's Treebank rules, "
+                        "restated in the package; the reference), nltk (NLTK itself, needs nltk), split (whitespace)")
     f.add_argument("--out", help="write counts, correlations and bins as JSON here")
     f.add_argument("--plot", help="write the binned accuracy plot (PNG) here")
     f.set_defaults(func=cmd_freq)

@@ -47,12 +47,13 @@ def add_cli(sub) -> None:
     d = sub.add_parser("data", help="inspect annotation files")
     dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     st = dsub.add_parser("stats", help="items, questions per level, distinct truths, option counts")
-    st.add_argument("file")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("file", help="items JSONL (reference annotation format)")
+    st.add_argument("--json", action="store_true", help="print the statistics as one JSON object")
     st.add_argument("--strict", action="store_true", help="stop at the first invalid line (default: skip and report)")
     st.set_defaults(func=_cmd_stats)
 
     t = sub.add_parser("taxonomy", help="validate and describe taxonomies")
     t.add_argument("taxonomy", nargs="*", help="taxonomy ids or files (default: all shipped)")
-    t.add_argument("--all", action="store_true")
+    t.add_argument("--all", action="store_true",
+                   help="every shipped taxonomy, whatever TAXONOMY names (also the default without TAXONOMY)")
     t.set_defaults(func=_cmd_taxonomy)

@@ -12,7 +12,8 @@ def add_cli(sub) -> None:
     p = sub.add_parser("demo", help="offline end-to-end demo: tiny random model, real local server, CUB items")
     p.add_argument("--out", default="runs/demo", help="folder for the model, images and run")
     p.add_argument("--items", type=int, default=40, help="how many CUB images")
-    p.add_argument("--mode", choices=["image", "text"], default="image")
+    p.add_argument("--mode", choices=["image", "text"], default="image",
+                   help="image: the images and the question; text: the leaf name replaces the image (text-only mode)")
     p.add_argument("--endpoint", help="use this server instead of starting one (its model must accept images)")
     p.set_defaults(func=cmd_demo)
 

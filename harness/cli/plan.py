@@ -131,11 +131,13 @@ def add_cli(sub) -> None:
     ps = p.add_subparsers(dest="plan_command", metavar="SUBCOMMAND", required=True)
     e = ps.add_parser("expand", help="list the cells of a plan and their commands")
     _common(e)
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true",
+                   help="print the cells as JSON: key, run folder, command line, RunSpec, error, unset variables")
     e.set_defaults(func=_cmd_expand)
     s = ps.add_parser("status", help="done / partial / missing / blocked cells, with HCA of finished ones")
     _common(s)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true",
+                   help="print the cells as JSON: key, state, detail, result lines, HCA, leaf accuracy, run folder")
     s.set_defaults(func=_cmd_status)
     r = ps.add_parser("run", help="run every cell not done yet (resumable, one server per model)")
     _common(r)
