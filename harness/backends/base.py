@@ -25,6 +25,9 @@ class Backend(Protocol):
         """An image's payload, made once per item in a worker thread (raises on an unreadable image)."""
         ...
 
-    async def send(self, path: str, body: Any) -> dict:
-        """One request -> its JSON reply. Raises RetryableError (transient) or FatalError (stop the run)."""
+    async def send(self, path: str, body: Any, *, key: object = None) -> dict:
+        """One request -> its JSON reply. Raises RetryableError (transient), FatalError (stop the run) or
+        UnavailableError (no server can answer now: the run stops, exit 5, resumable). `key`: the
+        request's affinity key (one per unit, an int hash): requests with one key should reach one
+        server (its prefix/image cache). Optional: the engine passes it only to a `send` that takes it."""
         ...

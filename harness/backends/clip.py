@@ -263,7 +263,8 @@ class ClipScorer:
         assert self.model is not None, "enter the backend first"
         return ClipImage(next(self._ids), load_pixels(path, self.model), path)
 
-    async def send(self, path: str, body: Any) -> dict:
+    async def send(self, path: str, body: Any, *, key: object = None) -> dict:
+        """`key` (the engine's per-item affinity key) is accepted and ignored: one local scorer."""
         if path != SCORE_PATH:
             raise FatalError(f"the CLIP backend answers {SCORE_PATH} only, not {path}")
         if self._broken is not None:

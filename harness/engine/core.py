@@ -9,14 +9,22 @@ error, and the stats the progress display reads.
 
 Memory stays flat with run size: units are produced lazily and block on a bounded queue; there is one
 task per worker, never one per question. A unit's groups are enqueued back to back so they reach the
-server in the same window and vLLM's prefix cache reuses the image.
+server in the same window and vLLM's prefix cache reuses the image. Each unit carries an affinity key
+(its `key`, else its image, else its first question id) that the engine passes to `backend.send`: the
+HTTP backend sends all of a unit's requests to one endpoint (and one data-parallel engine).
+
+Two breakers stop a run that cannot progress (stats.unavailable, exit 5, unanswered questions not
+recorded): the backend's (no endpoint usable for `--unavailable-after` seconds: UnavailableError) and the
+engine's :class:`ErrorBreaker` (nearly every request failing the same way - uniform 500s, malformed
+replies, hangs - for a while), which quotes the server's message instead of retrying a million questions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,9 +32,9 @@ from functools import partial
 from typing import Any, Protocol
 
 from harness.backends.base import Backend
-from harness.backends.http import FatalError, RetryableError, RetryPolicy
+from harness.backends.http import FatalError, RetryableError, RetryPolicy, UnavailableError, affinity_hash
 from harness.engine.cache import RequestCache
-from harness.engine.fanout import fan_out, with_retries
+from harness.engine.fanout import Stopped, fan_out, with_retries
 from harness.engine.pricing import cost
 
 _DEFAULT_RETRY = RetryPolicy()
@@ -53,6 +61,7 @@ class Unit:
     image: str | None
     groups: list[Group]
     records: list[dict] = field(default_factory=list)  # lines written without asking (auto-filled)
+    key: str | None = None  # affinity key (default: the image, else the first group's qid)
 
 
 class Task(Protocol):
@@ -104,6 +113,38 @@ class Stats:
         return d
 
 
+class ErrorBreaker:
+    """Trips when nearly every request fails for a while: at least `min_failures` failures spanning
+    `min_seconds` (from the first failed attempt's send), with successes at most `1 - share` of the
+    attempts since. 429s (rate limiting: Retry-After waits) and connection errors (a dead server: the
+    backend's health breaker and --unavailable-after) are not counted. Costs nothing per success (the
+    engine counts them); the check runs on failures only."""
+
+    def __init__(self, min_failures: int = 50, min_seconds: float = 30.0, share: float = 0.95):
+        self.min_failures, self.min_seconds, self.share = min_failures, min_seconds, share
+        self.start: float | None = None
+        self.oks0 = self.fails = 0
+        self.reasons: Counter[str] = Counter()
+
+    def failed(self, reason: str, started: float | None, oks: int) -> str | None:
+        """Record a failure (`oks`: successes so far); the message when the breaker trips."""
+        if reason.startswith(("HTTP 429", "connection error")):
+            return None
+        now = time.monotonic()
+        ok = oks - self.oks0
+        if self.start is None or ok > (1 - self.share) * (ok + self.fails) + 1:
+            self.start, self.oks0, self.fails, ok = (started or now), oks, 0, 0
+            self.reasons.clear()
+        self.fails += 1
+        self.reasons[reason] += 1
+        span = now - self.start
+        if self.fails < self.min_failures or span < self.min_seconds:
+            return None
+        top, n = self.reasons.most_common(1)[0]
+        return (f"nearly every request fails: {self.fails:,} of {self.fails + ok:,} attempts in the last "
+                f"{span:,.0f} s failed, {n:,} with \"{top}\"")
+
+
 def _prepare(backend: Backend, path: str, media: str, max_side: int | None) -> Any:
     """An image payload, or the exception (recorded for the unit's groups: the run goes on)."""
     try:
@@ -118,7 +159,7 @@ class Engine:
                  retry: RetryPolicy = _DEFAULT_RETRY, throttle=None, token_limiter=None,
                  cache: RequestCache | None = None, dedupe: bool = False,
                  prices: tuple[float, float] = (0.0, 0.0), max_cost: float | None = None,
-                 prefetch: int = 8, image_workers: int = 4):
+                 prefetch: int = 8, image_workers: int = 4, error_breaker: ErrorBreaker | None = None):
         self.backend, self.task, self.sink = backend, task, sink
         self.concurrency = concurrency
         # groups in flight; requests in flight are bounded by `concurrency` (a group may fan out)
@@ -140,6 +181,12 @@ class Engine:
         self.memo_size = 65_536
         self._pool = ThreadPoolExecutor(max_workers=image_workers, thread_name_prefix="img")
         self._stop = asyncio.Event()
+        self.breaker = error_breaker if error_breaker is not None else ErrorBreaker()
+        self._oks = 0  # successful attempts (the error breaker's denominator)
+        try:  # backends that take an affinity key get each unit's (ClipScorer accepts and ignores it)
+            self._keyed = "key" in inspect.signature(backend.send).parameters
+        except (TypeError, ValueError):
+            self._keyed = False
 
     def stop(self, reason: str) -> None:
         """Stop cleanly: nothing more is sent; what is answered is written, the rest is asked on resume."""
@@ -148,7 +195,7 @@ class Engine:
         self._stop.set()
 
     # ------------------------------------------------------------------ one request
-    async def _attempt(self, group: Group, i: int, path: str, body: Any, head: Any) -> Any:
+    async def _attempt(self, group: Group, i: int, path: str, body: Any, head: Any, key: int | None) -> Any:
         """One try: send and interpret. A reply the task cannot read is retried like a 503."""
         stats = self.stats
         if self.token_limiter is not None:
@@ -158,11 +205,12 @@ class Engine:
             async with self.throttle:
                 pass
         stats.requests += 1
+        send = self.backend.send
         if self._sem is None:
-            resp = await self.backend.send(path, body)
+            resp = await (send(path, body, key=key) if self._keyed else send(path, body))
         else:
             async with self._sem:
-                resp = await self.backend.send(path, body)
+                resp = await (send(path, body, key=key) if self._keyed else send(path, body))
         usage = resp.get("usage")
         if usage:
             pt, ct = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
@@ -170,12 +218,20 @@ class Engine:
             stats.completion_tokens += ct
             if self.prices[0] or self.prices[1]:
                 stats.cost += cost(pt, ct, self.prices)
-        return self.task.interpret(group, i, resp, head)
+        ans = self.task.interpret(group, i, resp, head)
+        self._oks += 1
+        return ans
 
-    def _count_retry(self, _e: RetryableError) -> None:
+    def _count_retry(self, e: RetryableError) -> None:
         self.stats.retried += 1
+        self._breaker_check(e)
 
-    async def ask(self, group: Group, i: int, image: Any, head: Any = None) -> Any:
+    def _breaker_check(self, e: RetryableError) -> None:
+        msg = self.breaker.failed(e.reason, e.started, self._oks)
+        if msg is not None:
+            raise UnavailableError(msg)
+
+    async def ask(self, group: Group, i: int, image: Any, head: Any = None, akey: int | None = None) -> Any:
         """Request i's answer: from the memo or cache, a request already in flight, or the backend."""
         path, body = self.task.request(group, i, image)
         key = self._key(group, i, image, body) if self._key is not None else None
@@ -194,10 +250,10 @@ class Engine:
             self._inflight[key] = fut
         try:
             empty_retry = self._retry_empty is not None
-            attempt = partial(self._attempt, group, i, path, body, head)
+            attempt = partial(self._attempt, group, i, path, body, head, akey)
             while True:
                 t0 = time.monotonic()
-                ans = await with_retries(attempt, self.retry, self._count_retry)
+                ans = await with_retries(attempt, self.retry, self._count_retry, self._stop)
                 if empty_retry and self._retry_empty(group, ans):  # type: ignore[misc]
                     empty_retry = False  # one more try for an empty completion, then keep it
                     self.stats.retried += 1
@@ -224,13 +280,13 @@ class Engine:
                 self._inflight.pop(key, None)
 
     # ------------------------------------------------------------------ one group
-    async def answer(self, group: Group, image: Any) -> list[Any]:
+    async def answer(self, group: Group, image: Any, akey: int | None = None) -> list[Any]:
         """Every answer of a group: request 0 first when it is a head, the rest fanned out."""
         answers: list[Any] = [None] * group.n
         start = 0
         head = None
         if group.head:
-            head = answers[0] = await self.ask(group, 0, image)
+            head = answers[0] = await self.ask(group, 0, image, None, akey)
             start = 1
         rest = iter(range(start, group.n))
 
@@ -238,7 +294,7 @@ class Engine:
             for i in rest:  # shared iterator: each index is taken by exactly one fan task
                 if self._stop.is_set():
                     return
-                answers[i] = await self.ask(group, i, image, head)
+                answers[i] = await self.ask(group, i, image, head, akey)
 
         tasks = [asyncio.create_task(fan()) for _ in range(min(self.concurrency, group.n - start))]
         try:
@@ -248,19 +304,37 @@ class Engine:
                 t.cancel()
         return answers
 
+    def _unavailable(self, why: str) -> None:
+        if self.stats.unavailable is None and self.stats.fatal is None:
+            self.stats.unavailable = why
+        self._stop.set()
+
     def _fail(self, group: Group, error: str) -> None:
         self.sink(self.task.error_record(group, error[:300]))
         self.stats.failed += 1
 
     async def handle(self, job: tuple[Group, Any]) -> None:
-        group, image = job
+        group, image, akey = job
         if isinstance(image, Exception):
             self._fail(group, f"image: {type(image).__name__}: {image}")
             return
         try:
-            answers = [await self.ask(group, 0, image)] if group.n == 1 else await self.answer(group, image)
+            answers = [await self.ask(group, 0, image, None, akey)] if group.n == 1 \
+                else await self.answer(group, image, akey)
         except RetryableError as e:
+            if self._stop.is_set():
+                return  # the run stopped meanwhile: asked again on resume
+            try:
+                self._breaker_check(e)
+            except UnavailableError as u:
+                self._unavailable(str(u))
+                return
             self._fail(group, f"gave up after retries: {e.reason}")
+            return
+        except UnavailableError as e:
+            self._unavailable(str(e))
+            return  # nothing written: the group is asked again when the run is resumed
+        except Stopped:
             return
         except GroupError as e:
             self._fail(group, str(e))
@@ -283,12 +357,15 @@ class Engine:
         window: deque = deque()
         stats = self.stats
 
+        keyed = self._keyed
+
         async def emit(unit: Unit, fut) -> None:
             image = await fut if fut is not None else None
+            akey = affinity_hash(unit.key or unit.image or unit.groups[0].qid) if keyed else None
             for g in unit.groups:
                 if self._stop.is_set():
                     return
-                await put((g, image))
+                await put((g, image, akey))
 
         for unit in units:
             if self._stop.is_set():

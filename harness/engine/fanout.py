@@ -15,6 +15,10 @@ T = TypeVar("T")
 Job = Any
 
 
+class Stopped(Exception):
+    """The run stopped while a request waited to be retried (nothing is written for it)."""
+
+
 async def fan_out(produce: Callable[[Callable[[Job], Awaitable[None]]], Awaitable[None]],
                   handle: Callable[[Job], Awaitable[None]], on_crash: Callable[[Job, Exception], None], *,
                   workers: int, stop: asyncio.Event) -> None:
@@ -51,9 +55,11 @@ async def fan_out(produce: Callable[[Callable[[Job], Awaitable[None]]], Awaitabl
 
 
 async def with_retries(attempt: Callable[[], Awaitable[T]], policy: RetryPolicy,
-                       on_retry: Callable[[RetryableError], None] | None = None) -> T:
+                       on_retry: Callable[[RetryableError], None] | None = None,
+                       stop: asyncio.Event | None = None) -> T:
     """`attempt()` again after each RetryableError (backoff with full jitter, Retry-After honoured),
-    at most `policy.max_retries` times; then the last error propagates."""
+    at most `policy.max_retries` times; then the last error propagates. When `stop` is set (the run
+    stops) a waiting retry raises :class:`Stopped` at once instead of being sent."""
     n = 0
     while True:
         try:
@@ -63,7 +69,18 @@ async def with_retries(attempt: Callable[[], Awaitable[T]], policy: RetryPolicy,
                 raise
             if on_retry is not None:
                 on_retry(e)
-            await asyncio.sleep(policy.delay(n, e.retry_after))
+            delay = policy.delay(n, e.retry_after)
+            if stop is None:
+                await asyncio.sleep(delay)
+            else:
+                if stop.is_set():
+                    raise Stopped from None
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except TimeoutError:
+                    pass
+                if stop.is_set():
+                    raise Stopped from None
             n += 1
 
 

@@ -310,12 +310,18 @@ def test_low_concurrency_still_uses_every_endpoint(tmp_path, capsys):
 
 
 def test_health_check_names_an_unreachable_endpoint(tmp_path, capsys):
+    # issue 15: an unreachable endpoint among several is taken out (the run goes on with the others);
+    # when none is reachable the run does not start and the message names them
     dead = f"http://127.0.0.1:{port_is_closed()}/v1"
+    dead2 = f"http://127.0.0.1:{port_is_closed()}/v1"
     stub = Stub()
     with StubThread(stub) as a:
-        rc, _out, err = _run(capsys, a.url, CUB_SIMILAR, tmp_path / "o", "--endpoint", dead, "--mode", "text")
-    assert rc == 4 and "cannot reach" in err and dead in err, err
-    assert stub.requests == 0
+        rc, _out, err = _run(capsys, a.url, CUB_SIMILAR, tmp_path / "o", "--endpoint", dead, "--mode", "text",
+                             "--limit", "20")
+    assert rc == 0, err
+    assert stub.requests > 0
+    rc, _out, err = _run(capsys, dead2, CUB_SIMILAR, tmp_path / "o2", "--endpoint", dead, "--mode", "text")
+    assert rc == 4 and "cannot reach" in err and dead in err and dead2 in err, err
 
 
 def test_model_required_when_several_are_served(tmp_path, capsys, monkeypatch):
