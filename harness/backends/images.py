@@ -2,7 +2,15 @@
 
 `base64` mode sends a data URL; `file` mode sends `file://` URLs for a local vLLM started with
 `--allowed-local-media-path` (nothing is read or encoded here). Images whose longest side exceeds
-`max_side` are resized like the reference (LANCZOS, int truncation of the scaled side) and re-encoded.
+`max_side` are resized (LANCZOS) and re-encoded, by one of two rules:
+  - "exact" (default): the longest side becomes `max_side`, the other `int(side * scale)`;
+  - "reference": the reference Qwen scripts' arithmetic, `scale = max_side / longest` and
+    `(int(w * scale), int(h * scale))` on both sides, which gives `max_side - 1` on the long side
+    whenever the float product falls just below the integer (e.g. 1680 / 2049 * 2049 = 1679.999...).
+    The reference kept the resized image in memory; this rule re-encodes it losslessly (PNG) so the
+    server sees exactly those pixels.
+The rule travels with `max_side` as a `MaxSide` (an int that carries it), so the engine and the
+backends pass it through unchanged.
 """
 
 from __future__ import annotations
@@ -12,8 +20,39 @@ import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 _MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
+
+
+class MaxSide(int):
+    """A longest-side cap that carries its resize rule ("exact" or "reference"); a plain int is "exact"."""
+
+    rule: str
+
+    def __new__(cls, value: int, rule: str = "exact") -> Self:
+        if rule not in ("exact", "reference"):
+            raise ValueError(f"unknown resize rule {rule!r}: expected 'exact' or 'reference'")
+        obj = super().__new__(cls, value)
+        obj.rule = rule
+        return obj
+
+    def __reduce__(self):
+        return (MaxSide, (int(self), self.rule))
+
+
+def resize_rule(max_side: int | None) -> str:
+    return getattr(max_side, "rule", "exact")
+
+
+def resized_size(w: int, h: int, max_side: int, rule: str = "exact") -> tuple[int, int]:
+    """The size an image of w x h gets when its longest side exceeds max_side (else w x h)."""
+    if max(w, h) <= max_side:
+        return w, h
+    scale = max_side / max(w, h)
+    if rule == "reference":  # reference Qwen scripts: int() of both scaled sides
+        return int(w * scale), int(h * scale)
+    return (max_side, int(h * scale)) if w >= h else (int(w * scale), max_side)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +64,10 @@ class ImagePayload:
 
 
 def image_uuid(path: str, max_side: int | None) -> str:
-    return hashlib.blake2b(f"{path}\x1f{max_side}".encode(), digest_size=12).hexdigest()
+    key = f"{path}\x1f{None if max_side is None else int(max_side)}"
+    if resize_rule(max_side) != "exact":  # other pixels: another id for vLLM's multimodal cache
+        key += f"\x1f{resize_rule(max_side)}"
+    return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
 
 
 def encode_image(path: str, *, media: str = "base64", max_side: int | None = None) -> ImagePayload:
@@ -43,11 +85,12 @@ def encode_image(path: str, *, media: str = "base64", max_side: int | None = Non
         w, h = im.size
         fmt = im.format or "JPEG"
         if max_side and max(w, h) > max_side:
-            scale = max_side / max(w, h)
-            nw, nh = (max_side, int(h * scale)) if w >= h else (int(w * scale), max_side)
+            rule = resize_rule(max_side)
+            nw, nh = resized_size(w, h, int(max_side), rule)
             im = im.convert("RGB").resize((nw, nh), Image.LANCZOS)
             buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=95)
-            raw, fmt, (w, h) = buf.getvalue(), "JPEG", (nw, nh)
+            fmt = "PNG" if rule == "reference" else "JPEG"
+            im.save(buf, format=fmt, **({} if fmt == "PNG" else {"quality": 95}))
+            raw, (w, h) = buf.getvalue(), (nw, nh)
     mime = _MIME.get(fmt, "image/jpeg")
     return ImagePayload(f"data:{mime};base64,{base64.b64encode(raw).decode()}", uid, len(raw), (w, h))

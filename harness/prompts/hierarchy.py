@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_serializer
 
 from harness.data.items import LETTERS, Item
 from harness.data.taxonomy import get_info, load_taxonomy
@@ -59,7 +59,7 @@ class PromptConfig(BaseModel):
     taxonomy_cot: bool = False
     """iNat taxonomy-based CoT: only the system prompt changes."""
     taxonomy_in_context: bool = False
-    """CUB taxonomy-in-context: the whole taxonomy dict in the system prompt, no "\\n" before suffix."""
+    """CUB taxonomy-in-context: the whole taxonomy dict in the system prompt (see context_position)."""
     ask_leaf: bool = False
     """Text mode: ask the leaf level too (GPT text scripts) instead of auto-filling it with the label."""
     option_order: OptionOrder = "hashed"
@@ -69,6 +69,28 @@ class PromptConfig(BaseModel):
     """Image part before the text (vLLM/Qwen order); False = GPT order (text then image)."""
     detail: str | None = None
     """OpenAI image `detail` ("low" in the reference GPT runs); vLLM ignores it."""
+    context_position: Literal["system", "user"] = "system"
+    """Taxonomy in context: in the system prompt with no "\\n" before the suffix (Qwen), or in the user
+    turn before the image, "Here is a taxonomy: {...}\\n<image>\\n{question}" (LLaVA-OV profiles)."""
+    label_case: Literal["original", "lower"] = "original"
+    """Text mode: the leaf label as in the file, or lower-cased (the LLaVA-OV text scripts)."""
+    ask_none: bool = False
+    """Ask levels whose truth is None (the reference text and GPT scripts; `--protocol reference` only);
+    otherwise such levels are skipped, as the reference image scripts do."""
+    request: Literal["chat", "completions"] = "chat"
+    """chat messages, or one raw completion prompt (a base LLM without chat template, no system text)."""
+    text_parts: bool = False
+    """A text-only user turn as a list with one text part (the GPT text scripts) instead of a string."""
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler):
+        # Fields added later are left out at their defaults: folders written before them keep their
+        # fingerprint (a resume compares the recorded prompt settings as a whole).
+        d = handler(self)
+        for k, v in _LATER_DEFAULTS.items():
+            if k in d and d[k] == v:
+                del d[k]
+        return d
 
     @field_validator("taxonomy")
     @classmethod
@@ -84,7 +106,7 @@ class PromptConfig(BaseModel):
     def system_text(self) -> str | None:
         cat = catalogue()["system"]
         key = self.system
-        if self.taxonomy_in_context:
+        if self.taxonomy_in_context and self.context_position == "system":
             return cat["taxonomy_in_context"] + taxonomy_context(self.taxonomy)
         if key == "auto":
             if self.taxonomy_cot:
@@ -115,7 +137,19 @@ class PromptConfig(BaseModel):
         return section[v]
 
     def suffix_text(self) -> str:
-        return catalogue()["suffix"]["no_newline" if self.taxonomy_in_context else self.suffix]
+        quirk = self.taxonomy_in_context and self.context_position == "system"
+        return catalogue()["suffix"]["no_newline" if quirk else self.suffix]
+
+    def user_context(self) -> str | None:
+        """Text of the user turn before the image (taxonomy in context in the user turn), else None."""
+        if not (self.taxonomy_in_context and self.context_position == "user"):
+            return None
+        c = catalogue()["context"]
+        return c["user_prefix"] + taxonomy_context(self.taxonomy) + c["before_image"]
+
+
+_LATER_DEFAULTS = {"context_position": "system", "label_case": "original", "ask_none": False, "request": "chat",
+                   "text_parts": False}
 
 
 @lru_cache(maxsize=8)
@@ -141,6 +175,7 @@ class Question:
     scored: bool  # False for the taxonomy root
     auto: str | None = None  # text mode leaf: prediction filled with the label, not asked
     option: int | None = None  # binary mode: index (letter order) of the option in the statement
+    context: str | None = None  # user text before the image (taxonomy in context in the user turn)
 
     @property
     def choices(self) -> dict[str, str]:
@@ -171,9 +206,12 @@ class Renderer:
         self.cfg = cfg
         self.answer = answer
         self.info = get_info(cfg.taxonomy)
-        self._system = cfg.system_text()
+        # a raw completion has no system turn (the reference base-model scripts send none)
+        self._system = None if cfg.request == "completions" else cfg.system_text()
         self._template = cfg.template() if cfg.mode != "binary" else None
         self._suffix = cfg.suffix_text()
+        self._context = cfg.user_context()
+        self._qprefix = catalogue()["context"]["question_prefix"] if self._context is not None else ""
         # Reference replay: one RNG seeded 42 for the whole stream. Text runs never shuffled.
         self._rng = random.Random(42) if cfg.option_order == "reference" and cfg.mode != "text" else None
         self.variant_key = cfg.variant if not cfg.taxonomy_in_context else f"{cfg.variant}+tic"
@@ -199,15 +237,16 @@ class Renderer:
         cfg = self.cfg
         out: list[Question] = []
         last = len(item.levels) - 1
+        label = item.label.lower() if cfg.mode == "text" and cfg.label_case == "lower" else item.label
         for t, lv in enumerate(item.levels):
-            if lv.truth is None:  # never scored; asks nothing and consumes no reference shuffle
+            if lv.truth is None and not cfg.ask_none:  # asks nothing and consumes no reference shuffle
                 continue
             options = self._order(item, lv.n, lv.choices)
             qid = make_qid(item.id, lv.n, cfg.mode, self.variant_key, self.answer)
             scored = not lv.root
             if cfg.mode == "text" and t == last and not cfg.ask_leaf:
                 out.append(Question(qid, item.id, lv.n, t, options, lv.truth, None, "", None, scored,
-                                    auto=item.label))
+                                    auto=label))
                 continue
             if cfg.mode == "binary":
                 cat = catalogue()["binary"]
@@ -218,10 +257,11 @@ class Renderer:
                     out.append(Question(qid_k, item.id, lv.n, t, options, lv.truth, self._system, text,
                                         item.image, scored, option=k))
                 continue
-            prompt = self._template.format(rank=self._rank(t), label=item.label)  # type: ignore[union-attr]
-            text = prompt + "\n" + format_options(options) + self._suffix
+            prompt = self._template.format(rank=self._rank(t), label=label)  # type: ignore[union-attr]
+            text = self._qprefix + prompt + "\n" + format_options(options) + self._suffix
             image = item.image if cfg.mode == "image" else None
-            out.append(Question(qid, item.id, lv.n, t, options, lv.truth, self._system, text, image, scored))
+            out.append(Question(qid, item.id, lv.n, t, options, lv.truth, self._system, text, image, scored,
+                                context=self._context))
         return out
 
     def stream(self, items) -> Iterator[tuple[Item, list[Question]]]:
@@ -235,7 +275,8 @@ def build_messages(q: Question, image_url: str | None, cfg: PromptConfig, uuid: 
     if q.system is not None:
         msgs.append({"role": "system", "content": q.system})
     if q.image is None or image_url is None:
-        msgs.append({"role": "user", "content": q.text})
+        text_only = (q.context or "") + q.text
+        msgs.append({"role": "user", "content": [{"type": "text", "text": text_only}] if cfg.text_parts else text_only})
         return msgs
     img: dict = {"url": image_url}
     if cfg.detail:
@@ -244,5 +285,14 @@ def build_messages(q: Question, image_url: str | None, cfg: PromptConfig, uuid: 
     if uuid:
         part["uuid"] = uuid  # vLLM: stable multimodal cache id
     text = {"type": "text", "text": q.text}
-    msgs.append({"role": "user", "content": [part, text] if cfg.image_first else [text, part]})
+    if q.context is not None:  # "Here is a taxonomy: {...}\n" <image> "\n{question}" (LLaVA-OV reference)
+        content = [{"type": "text", "text": q.context}, part, text]
+    else:
+        content = [part, text] if cfg.image_first else [text, part]
+    msgs.append({"role": "user", "content": content})
     return msgs
+
+
+def build_prompt(q: Question) -> str:
+    """The raw completion prompt of a question (a base LLM: no chat template, no system text)."""
+    return catalogue()["completions"]["template"].format(question=(q.context or "") + q.text)

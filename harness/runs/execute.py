@@ -142,7 +142,7 @@ async def _execute(spec: RunSpec, endpoints: list[str], *, dry_run: bool, progre
         concurrency = b.batch_size * 8 if clip else b.concurrency
         engine = Engine(
             backend, exp.task, (store := folder.store()).append, concurrency=concurrency,
-            group_workers=exp.group_workers, media=spec.media, max_side=spec.max_side,
+            group_workers=exp.group_workers, media=spec.media, max_side=getattr(exp, "max_side", spec.max_side),
             retry=RetryPolicy(max_retries=b.max_retries) if isinstance(b, EndpointBackend) else RetryPolicy(0),
             throttle=throttle, token_limiter=token_limiter, cache=cache, dedupe=exp.dedupe,
             prices=exp.prices, max_cost=spec.max_cost,

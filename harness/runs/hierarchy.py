@@ -10,6 +10,7 @@ from itertools import islice
 
 from pydantic import Field
 
+from harness.backends.images import MaxSide
 from harness.data.items import ReadReport, detect_taxonomy, file_hash, read_items
 from harness.engine.core import Unit
 from harness.engine.pricing import estimate_image_tokens, estimate_text_tokens, price_for
@@ -19,11 +20,28 @@ from harness.runs.folder import NOT_ANSWERS, Settings
 from harness.runs.spec import ClipBackend, HierarchyTask, RunSpec
 from harness.tasks import hierarchy as H
 
-# GPT-4o protocol of the reference scripts (hierarchy-protocol.md section 2).
+# GPT-4o protocol of the reference scripts (hierarchy-protocol.md section 2). A preset may hold settings
+# per mode (a nested dict under "image" / "text") that override its common ones.
 PRESETS: dict[str, dict] = {
-    "gpt-4o": dict(variant="gpt", system="helpful", image_first=False, detail="low", option_order="file",
-                   ask_leaf=True, max_tokens=5, temperature=0.2, seed=42),
+    "gpt-4o": {
+        "variant": "gpt", "system": "helpful", "image_first": False, "detail": "low", "option_order": "file",
+        "max_tokens": 5, "temperature": 0.2, "seed": 42,
+        "ask_none": True,  # the GPT scripts ask levels whose truth is None (under `reference`)
+        # every GPT text script (CUB, iNat, ImageNet) fills the leaf with the label, and sends the user
+        # turn as a list with one text part
+        "text": {"ask_leaf": False, "text_parts": True},
+    },
 }
+
+
+def preset_for(name: str | None, mode: str) -> dict:
+    """A preset's settings for one mode: its common settings, then those of the mode."""
+    if name is None:
+        return {}
+    if name not in PRESETS:
+        raise ValueError(f"--preset {name!r}: unknown; known: {', '.join(PRESETS)}")
+    base = {k: v for k, v in PRESETS[name].items() if k not in ("image", "text", "binary")}
+    return base | PRESETS[name].get(mode, {})
 
 
 class HierarchySettings(Settings):
@@ -42,6 +60,8 @@ class HierarchySettings(Settings):
     media: str = Field(json_schema_extra=NOT_ANSWERS)
     limit: int | None = Field(json_schema_extra=NOT_ANSWERS)  # items are rendered in file order: extendable
     catalogue_sha256: str
+    resize: str = "exact"
+    """Images above max_side: "exact" (longest side = max_side) or "reference" (int(side * scale) on both)."""
     template: str | None = None  # CLIP: the option text template
     dtype: str | None = None  # CLIP: model precision
 
@@ -50,9 +70,7 @@ def resolve(spec: RunSpec, model: str) -> HierarchySettings:
     """Spec + preset + profile -> the settings that decide every answer (explicit fields win)."""
     t = spec.task
     assert isinstance(t, HierarchyTask)
-    if t.preset is not None and t.preset not in PRESETS:
-        raise ValueError(f"--preset {t.preset!r}: unknown; known: {', '.join(PRESETS)}")
-    preset = dict(PRESETS.get(t.preset or "", {}))
+    preset = preset_for(t.preset, t.mode)
     taxonomy = detect_taxonomy(spec.data, t.taxonomy)
     clip = isinstance(spec.backend, ClipBackend)
     if t.profile:  # per-model protocol of the paper (servers/*.toml)
@@ -60,11 +78,22 @@ def resolve(spec: RunSpec, model: str) -> HierarchySettings:
 
         prof = load_profile(t.profile)
         pmode = "text" if t.mode == "text" else "image"
+        p = prof.protocol
         if t.prompt_variant is None:
             preset["variant"] = prof.prompt_variant_for(taxonomy, pmode)
-        preset.setdefault("system", prof.system_prompt_key(pmode))
+        preset.setdefault("context_position", p.taxonomy_context)
+        if t.mode == "text":
+            preset.setdefault("label_case", p.text_label_case)
+        preset.setdefault("request", p.api)
+        # A prompt kind with its own system prompt keeps it: the profile's is only the default.
+        own = t.taxonomy_cot or t.mode == "binary" or (t.taxonomy_in_context and preset["context_position"] == "system")
+        if not own:
+            preset.setdefault("system", prof.system_prompt_key(pmode))
         preset.setdefault("max_tokens", prof.max_tokens_for(taxonomy, pmode))
     reference = t.protocol == "reference"
+    request = preset.get("request", "chat")
+    if request == "completions" and t.mode != "text":
+        raise ValueError(f"--profile {t.profile}: a raw-completions model (api = \"completions\") has text mode only")
     order = t.option_order or preset.get("option_order") or ("file" if clip else "reference" if reference else "hashed")
     variant: int | str = t.prompt_variant if t.prompt_variant is not None else preset.get("variant", 0)
     if isinstance(variant, str) and variant.isdigit():
@@ -76,8 +105,14 @@ def resolve(spec: RunSpec, model: str) -> HierarchySettings:
         ask_leaf=preset.get("ask_leaf", False), option_order=order,
         image_first=not (t.gpt_order or preset.get("image_first") is False),
         detail="low" if (t.gpt_order or preset.get("detail")) else None,
+        context_position=preset.get("context_position", "system"),
+        label_case=preset.get("label_case", "original"),
+        # levels whose truth is None: the reference text and GPT scripts ask them, its image scripts skip them
+        ask_none=reference and t.mode != "binary" and (t.mode == "text" or bool(preset.get("ask_none"))),
+        request=request, text_parts=bool(preset.get("text_parts")),
     )
-    max_tokens = spec.max_tokens or preset.get("max_tokens") or (5 if t.answer == "choice" else 10)
+    # the taxonomy-CoT script (Qwen, iNat) generates 5 tokens
+    max_tokens = spec.max_tokens or preset.get("max_tokens") or (5 if t.answer == "choice" or t.taxonomy_cot else 10)
     temperature = spec.temperature if spec.temperature is not None else preset.get("temperature", 0.0)
     seed = spec.seed if spec.seed is not None else preset.get("seed")
     return HierarchySettings(
@@ -85,6 +120,7 @@ def resolve(spec: RunSpec, model: str) -> HierarchySettings:
         protocol=t.protocol, answer=t.answer, parser=t.parser or ("reference" if reference else "robust"),
         max_tokens=max_tokens, temperature=temperature, seed=seed, top_logprobs=spec.top_logprobs,
         max_side=spec.max_side, media=spec.media, limit=spec.limit, catalogue_sha256=catalogue_hash(),
+        resize="reference" if reference and spec.max_side and spec.media == "base64" else "exact",
         template=t.template if clip else None, dtype=spec.backend.dtype if clip else None,  # type: ignore[union-attr]
     )
 
@@ -107,7 +143,11 @@ class HierarchyExperiment:
             self.task = H.ChatTask(s.prompt, H.Decoding(
                 model=model, answer=s.answer, max_tokens=s.max_tokens, temperature=s.temperature,  # type: ignore[arg-type]
                 seed=s.seed, top_logprobs=s.top_logprobs, parser=s.parser))
-        self.dedupe = s.prompt.mode == "text"
+        # Identical text questions are asked once - harmless when greedy; under `reference` a sampling
+        # temperature (GPT-4o's 0.2) makes every request its own draw, as in the reference scripts.
+        self.dedupe = s.prompt.mode == "text" and not (s.protocol == "reference" and s.temperature > 0)
+        # images above max_side: the reference's resize arithmetic under `reference` (harness.backends.images)
+        self.max_side = MaxSide(s.max_side, s.resize) if s.max_side else s.max_side
         self.group_workers = None
         self.prices = price_for(model, spec.price_in, spec.price_out)
 

@@ -129,6 +129,11 @@ class ProtocolSettings(BaseModel):
     """Image-mode prompt variant (0..4) per taxonomy behind the published tables; empty for LLMs."""
     text_prompt_variant: dict[Taxonomy, Variant] = Field(default_factory=dict)
     """Text-mode prompt variant (0..4) per taxonomy (no Food text runs in the reference)."""
+    text_label_case: Literal["original", "lower"] = "original"
+    """Text mode: the leaf label as in the file, or lower-cased as the model's reference scripts did."""
+    taxonomy_context: Literal["system", "user"] = "system"
+    """Taxonomy in context: in the system prompt (Qwen's script) or in the user turn before the image
+    ("Here is a taxonomy: {...}\\n<image>\\n{question}", the LLaVA-OV script)."""
     notes: str = ""
     """Chat-template quirks and reference bugs that matter for reproducing the numbers."""
 

@@ -20,7 +20,7 @@ from harness.backends.images import ImagePayload
 from harness.data.items import LETTERS, Item
 from harness.engine.cache import request_key
 from harness.engine.core import Group, Unit
-from harness.prompts.hierarchy import PromptConfig, Question, Renderer, build_messages
+from harness.prompts.hierarchy import PromptConfig, Question, Renderer, build_messages, build_prompt
 from harness.prompts.parsing import parse_letter, parse_yes_no
 
 AnswerMode = Literal["generate", "choice", "logprobs"]
@@ -82,22 +82,31 @@ def questions(items: Iterable[Item], renderer: Renderer, done: set[str]) -> Iter
 
 
 class ChatTask:
-    """Hierarchy questions (and binary statements) as OpenAI chat requests."""
+    """Hierarchy questions (and binary statements) as OpenAI chat requests, or as raw completions
+    (`prompt.request == "completions"`: a base LLM without chat template, POST /completions with the
+    prompt `question + " Answer:"`, the answer read from choices[0].text)."""
 
     def __init__(self, prompt: PromptConfig, decoding: Decoding):
         self.prompt, self.dec = prompt, decoding
+        self.completions = prompt.request == "completions"
+        self.path = "/completions" if self.completions else "/chat/completions"
 
     def body(self, q: Question, image: ImagePayload | None, *, for_key: bool = False) -> dict:
-        url = None
-        if image is not None:
-            url = f"digest:{image.uuid}:{image.n_bytes}" if for_key else image.url
-        msgs = build_messages(q, url, self.prompt, uuid=None if for_key or image is None else image.uuid)
         d = self.dec
-        b: dict = {"model": d.model, "messages": msgs, "temperature": d.temperature}
+        if self.completions:
+            b: dict = {"model": d.model, "prompt": build_prompt(q), "temperature": d.temperature}
+        else:
+            url = None
+            if image is not None:
+                url = f"digest:{image.uuid}:{image.n_bytes}" if for_key else image.url
+            msgs = build_messages(q, url, self.prompt, uuid=None if for_key or image is None else image.uuid)
+            b = {"model": d.model, "messages": msgs, "temperature": d.temperature}
         if d.seed is not None:
             b["seed"] = d.seed
         if d.answer == "logprobs":
-            b.update(max_tokens=1, logprobs=True, top_logprobs=d.top_logprobs)
+            # completions: `logprobs` is the number of top tokens; chat: a flag plus top_logprobs
+            b.update({"max_tokens": 1, "logprobs": d.top_logprobs} if self.completions
+                     else {"max_tokens": 1, "logprobs": True, "top_logprobs": d.top_logprobs})
         else:
             b["max_tokens"] = d.max_tokens
         if d.answer == "choice":
@@ -108,7 +117,7 @@ class ChatTask:
     def request(self, group: Group, i: int, image: ImagePayload | None) -> tuple[str, bytes]:
         """The body serialised once, keys sorted: without an image these bytes are also the cache key's."""
         q: Question = group.data
-        return "/chat/completions", orjson.dumps(self.body(q, image if q.image else None), option=orjson.OPT_SORT_KEYS)
+        return self.path, orjson.dumps(self.body(q, image if q.image else None), option=orjson.OPT_SORT_KEYS)
 
     def cache_key(self, group: Group, i: int, image: ImagePayload | None, body: bytes) -> str:
         q: Question = group.data
@@ -128,9 +137,10 @@ class ChatTask:
         q: Question = group.data
         try:
             choice = resp["choices"][0]
-            raw = choice["message"].get("content")
+            raw = choice["text"] if self.completions else choice["message"].get("content")
         except (KeyError, IndexError, TypeError, AttributeError):
-            raise RetryableError("malformed response (no choices[0].message)") from None
+            what = "choices[0].text" if self.completions else "choices[0].message"
+            raise RetryableError(f"malformed response (no {what})") from None
         if raw is None:
             raw = ""
         out: dict = {"raw": raw}
@@ -144,8 +154,12 @@ class ChatTask:
             if choice.get("logprobs") is None:
                 raise FatalError("the endpoint returned no logprobs: it does not support `--answer logprobs` "
                                  "(transformers serve ignores it); use `--answer generate`, or vLLM")
-            lp = (choice.get("logprobs") or {}).get("content") or []
-            top = lp[0].get("top_logprobs") or [] if lp else []
+            if self.completions:  # {"top_logprobs": [{token: logprob, ...}, ...]}
+                first = ((choice.get("logprobs") or {}).get("top_logprobs") or [{}])[0] or {}
+                top = [{"token": k, "logprob": v} for k, v in sorted(first.items(), key=lambda kv: -kv[1])]
+            else:
+                lp = (choice.get("logprobs") or {}).get("content") or []
+                top = lp[0].get("top_logprobs") or [] if lp else []
             dist: dict[str, float] = {}
             for t in top:
                 tok = str(t.get("token", "")).strip().strip("().:*")

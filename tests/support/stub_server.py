@@ -118,6 +118,25 @@ class Stub:
                 "usage": {"prompt_tokens": len(text) // 4 + 10, "completion_tokens": 1, "total_tokens": len(text) // 4 + 11}}
         return web.Response(body=orjson.dumps(resp), content_type="application/json")
 
+    async def completion(self, request: web.Request) -> web.Response:
+        """Raw completions (a base LLM without chat template): the prompt is the text, the answer a letter."""
+        if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return web.json_response({"error": {"message": "invalid api key"}}, status=401)
+        body = orjson.loads(await request.read())
+        self.requests += 1
+        if self.keep_bodies:
+            self.bodies.append(body)
+        if body.get("model") != self.model:
+            return web.json_response({"error": {"message": f"model {body.get('model')} does not exist"}}, status=404)
+        if "messages" in body or not isinstance(body.get("prompt"), str):
+            return web.json_response({"error": {"message": "a completion needs `prompt`"}}, status=400)
+        text = body["prompt"]
+        self.by_text[text] += 1
+        resp = {"id": "stub", "object": "text_completion", "model": self.model,
+                "choices": [{"index": 0, "text": " " + self.answer(text), "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": len(text) // 4, "completion_tokens": 2, "total_tokens": len(text) // 4 + 2}}
+        return web.Response(body=orjson.dumps(resp), content_type="application/json")
+
     # ---- OpenAI Batch API: files and batches (a batch completes as soon as it is created)
     async def upload(self, request: web.Request) -> web.Response:
         form = await request.post()
@@ -167,6 +186,7 @@ class Stub:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completion)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_post("/v1/files", self.upload)
