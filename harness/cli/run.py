@@ -32,6 +32,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--limit", type=int, help="first N items only")
     g.add_argument("--image-root-map", action="append", default=[], metavar="OLD=NEW")
     g.add_argument("--strict", action="store_true", help="stop at the first invalid input line (default: skip it and report)")
+    g.add_argument("--shard", metavar="I/N", help="ask only shard I of N (0 <= I < N, by a stable hash of the item id): "
+                                                  "N jobs share --out, each with its own results file and lock")
     g = p.add_argument_group("protocol")
     g.add_argument("--mode", choices=["image", "text", "binary"], default="image")
     g.add_argument("--prompt-variant", default=None, help="0..4, or `gpt` (default: the --profile's variant, else 0)")
@@ -107,7 +109,7 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
               "top_logprobs": args.top_logprobs, "limit": args.limit, "image_root_map": args.image_root_map,
               "strict": args.strict, "media": args.media, "max_side": args.max_side, "cache": args.cache,
               "retry_errors": args.retry_errors, "force": args.force, "max_cost": args.max_cost,
-              "price_in": args.price_in, "price_out": args.price_out}
+              "price_in": args.price_in, "price_out": args.price_out, "shard": getattr(args, "shard", None)}
     return RunSpec.model_validate(fields)
 
 
@@ -118,8 +120,9 @@ def print_result(r: RunResult) -> int:
     for line in r.lines:
         (print if r.status == "dry-run" else con.print)(line)
     if r.message:
-        colour = "red" if r.status == "fatal" else "yellow"
-        label = "error" if r.status == "fatal" else "stopped" if r.status == "stopped" else "note"
+        colour = "red" if r.status in ("fatal", "locked") else "yellow"
+        label = ("error" if r.status in ("fatal", "locked") else "stopped" if r.status in ("stopped", "interrupted")
+                 else "note")
         con.print(f"[{colour}]{label}[/]: {r.message}", markup=True)
     return int(r.exit_code)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,14 +14,47 @@ from harness.data.taxonomy import ROOT_NAMES
 from harness.metrics.hierarchy import Summary, summarize
 
 
-def iter_records(path: Path) -> Iterator[dict]:
-    """Every parseable line of a results file (a torn or corrupt line is skipped)."""
-    with path.open("rb") as f:
-        for line in f:
-            try:
-                yield orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
+SHARD_RESULTS = re.compile(r"results\.shard-(\d+)-of-(\d+)\.jsonl")
+"""The results file of shard I of N (`--shard I/N`); an unsharded run writes results.jsonl."""
+
+
+def results_files(path: str | Path) -> list[Path]:
+    """The results files of a run folder, read as one run: results.jsonl, then every
+    results.shard-I-of-N.jsonl in (N, I) order; a file path is itself."""
+    p = Path(path)
+    if not p.is_dir():
+        return [p]
+    shards = sorted((int(m[2]), int(m[1]), f) for f in p.glob("results.shard-*-of-*.jsonl")
+                    if (m := SHARD_RESULTS.fullmatch(f.name)))
+    return ([p / "results.jsonl"] if (p / "results.jsonl").is_file() else []) + [f for *_, f in shards]
+
+
+def iter_records(path: str | Path) -> Iterator[dict]:
+    """Every parseable line of a results file, or of every results file of a run folder (a torn or
+    corrupt line is skipped)."""
+    for file in results_files(path):
+        with file.open("rb") as f:
+            for line in f:
+                try:
+                    yield orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+
+
+def latest_records(path: str | Path) -> list[dict]:
+    """One line a qid of a results file or run folder: within a file the last line wins
+    (--retry-errors appends); across the files of a folder an answered line wins over a failed one."""
+    latest: dict[str, dict] = {}
+    for file in results_files(path):
+        this: dict[str, dict] = {}
+        for rec in iter_records(file):
+            if isinstance(rec, dict) and "qid" in rec:
+                this[rec["qid"]] = rec
+        for qid, rec in this.items():
+            old = latest.get(qid)
+            if old is None or rec.get("error") is None or old.get("error") is not None:
+                latest[qid] = rec
+    return list(latest.values())
 
 
 def _paths_from_levels(per_item: dict[str, dict[int, tuple[str | None, str | None, bool]]]):
@@ -37,11 +71,12 @@ def _paths_from_levels(per_item: dict[str, dict[int, tuple[str | None, str | Non
 
 
 def summarize_results(path: str | Path) -> Summary:
-    """Metrics of a results.jsonl file (last line of a qid wins: --retry-errors appends).
+    """Metrics of a results.jsonl file, or of every results file of a run folder as one run (last line
+    of a qid wins: --retry-errors appends; across a folder's files an answered line beats a failed one).
 
     Memory and time are linear in the number of distinct qids: one small tuple a question, with
     repeated strings (item ids, truths, option texts) stored once. A torn or corrupt line is skipped."""
-    path = Path(path)
+    files = results_files(path)
     latest: dict[str, tuple] = {}
     strings: dict[str, str] = {}
     same = strings.setdefault  # perf/memory: one object per distinct string (4-12 levels share an item)
@@ -50,14 +85,19 @@ def summarize_results(path: str | Path) -> Summary:
     # spent most of its time there); nothing built here is cyclic.
     gc.disable()
     try:
-        with path.open("rb") as f:
-            for line in f:
-                try:
-                    rec = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    continue
+        for k, file in enumerate(files):
+            # several files (shards): a qid already answered in an earlier file keeps that answer
+            # over a failed line of a later one (only set up when there is more than one file)
+            this: set[str] | None = set() if k else None
+            for rec in iter_records(file):
                 if not isinstance(rec, dict) or "qid" not in rec:
                     continue
+                if this is not None:
+                    qid = rec["qid"]
+                    if rec.get("error") is not None and qid not in this and (old := latest.get(qid)) is not None \
+                            and not old[5]:
+                        continue
+                    this.add(qid)
                 get = rec.get
                 item, truth, pred, option = rec["item"], get("truth"), get("prediction"), get("option")
                 latest[rec["qid"]] = (

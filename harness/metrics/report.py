@@ -7,32 +7,36 @@ import io
 import sys
 from pathlib import Path
 
-import orjson
 from rich.console import Console
 from rich.table import Table
 
 from harness.metrics.hierarchy import Summary
-from harness.metrics.readers import summarize_reference, summarize_results
+from harness.metrics.readers import results_files, summarize_reference, summarize_results
 
 COLUMNS = ["n_items", "hca", "leaf_acc", "por", "strict_por", "tor", "por_f1", "hf1",
            "leaf_right_ancestor_wrong", "ancestors_right_leaf_wrong", "n_questions", "n_unanswered"]
 
 
 def resolve(path: str | Path) -> Path:
+    """A result file as given; for a run folder its results.jsonl, or the folder itself when it holds
+    shards' results.shard-I-of-N.jsonl (every results file is then read as one run)."""
     p = Path(path)
     if p.is_dir():
-        f = p / "results.jsonl"
-        if not f.exists():
-            raise FileNotFoundError(f"{p}: no results.jsonl in this folder")
-        return f
+        files = results_files(p)
+        if not files:
+            raise FileNotFoundError(f"{p}: no results.jsonl (nor results.shard-I-of-N.jsonl) in this folder")
+        return files[0] if files == [p / "results.jsonl"] else p
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or folder")
     return p
 
 
 def summarize_path(path: str | Path, score_from: int | None = None) -> Summary:
-    """Dispatch on content: a JSON list (reference output format) or results.jsonl lines."""
+    """Dispatch on content: a run folder (every results file as one run), a JSON list (reference output
+    format) or results.jsonl lines."""
     p = resolve(path)
+    if p.is_dir():
+        return summarize_results(p)
     with p.open("rb") as f:
         # FIX: the first byte used to be lstrip()ped to b"" when it was whitespace, which ended the
         # loop, so a reference JSON list starting with a newline or spaces was read as results.jsonl.

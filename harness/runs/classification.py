@@ -37,6 +37,7 @@ from harness.classification.requests import Style
 from harness.data.items import ReadReport, file_hash
 from harness.engine.core import Unit
 from harness.engine.pricing import price_for
+from harness.metrics.readers import latest_records, results_files
 from harness.runs.folder import NOT_ANSWERS, RunFolder, Settings
 from harness.runs.spec import ClassifyTask, EndpointBackend, LoglikTask, RunSpec, WikiQATask
 
@@ -222,7 +223,7 @@ class ClassificationExperiment:
                     yield self.task.unit(q)
 
         self._units = units
-        self._summarize = lambda path: G.score_run(G.latest_records(path), classes)
+        self._summarize = lambda path: G.score_run(latest_records(path), classes)
 
     # -- log-likelihood
     def _loglik(self, t: LoglikTask, model: str) -> None:
@@ -256,7 +257,7 @@ class ClassificationExperiment:
                     yield self.task.unit(qid, it.image, {"item": it.key, "line": it.line, "label": it.label})
 
         self._units = units
-        self._summarize = lambda path: L.score_run(G.latest_records(path), uniq)
+        self._summarize = lambda path: L.score_run(latest_records(path), uniq)
 
     # -- ImageWikiQA
     def _wikiqa(self, t: WikiQATask, model: str) -> None:
@@ -280,7 +281,7 @@ class ClassificationExperiment:
                     yield u
 
         self._units = units
-        self._summarize = lambda path: W.score_run(G.latest_records(path))
+        self._summarize = lambda path: W.score_run(latest_records(path))
 
     # -- the experiment interface
     async def prepare(self, backend) -> None:
@@ -348,11 +349,14 @@ def run_classes(manifest: dict, first_synonym: bool | None = None) -> list[str]:
 
 
 def _records(run: str | Path) -> list[dict]:
+    """The latest line of every qid of a run folder: every results file (all shards) as one run; a
+    results file given directly is read alone."""
     p = Path(run)
-    results = (p if p.is_dir() else p.parent) / "results.jsonl"
-    if not results.is_file():
-        raise FileNotFoundError(f"{results}: no results")
-    return G.latest_records(results)
+    if not p.is_dir() and p.name == "results.jsonl":
+        p = p.parent  # a folder's main results file stands for the folder (as before shards)
+    if not results_files(p) or not all(f.is_file() for f in results_files(p)):
+        raise FileNotFoundError(f"{p / 'results.jsonl' if p.is_dir() else p}: no results")
+    return latest_records(p)
 
 
 def score_folder(run: str | Path, *, synonyms: str | None = None, mapper=None,

@@ -3,14 +3,23 @@
 Every run kind (hierarchy image/text/binary over endpoints or CLIP, classification, log-likelihood,
 ImageWikiQA) goes through :func:`execute`; they differ only in their *experiment* (settings, units,
 task, summary), built by :func:`experiment_for`.
+
+Around every kind, once: the folder lock (a second writer refuses, exit 6), `shard` (only the units
+whose item hashes to shard I of N are asked; the folder's other results files count as done), and
+SIGTERM / SIGINT (the engine stops taking new work, the answers in flight are written, run.json says
+`interrupted`, exit 7; a second signal stops without waiting for the answers in flight).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +27,10 @@ from typing import Any
 
 from harness.backends.http import Client, FatalError, RetryPolicy, redact_url
 from harness.data.items import ItemError
-from harness.engine.core import Engine
+from harness.engine.core import Engine, Unit
 from harness.engine.progress import Progress
-from harness.runs.folder import ExitCode, RunFolder, now
-from harness.runs.spec import ClipBackend, EndpointBackend, HierarchyTask, RunSpec
+from harness.runs.folder import ExitCode, FolderLock, RunFolder, RunLocked, now
+from harness.runs.spec import ClipBackend, EndpointBackend, HierarchyTask, RunSpec, parse_shard
 
 
 @dataclass
@@ -29,7 +38,7 @@ class RunResult:
     """What `harness.run` returns."""
 
     out: Path
-    status: str  # done, incomplete, stopped, fatal, dry-run
+    status: str  # done, incomplete, stopped, interrupted, unavailable, fatal, locked, dry-run
     exit_code: ExitCode
     summary: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
@@ -46,6 +55,35 @@ def experiment_for(spec: RunSpec, model: str):
     from harness.runs.classification import ClassificationExperiment
 
     return ClassificationExperiment(spec, model)
+
+
+def item_key(unit: Unit) -> str:
+    """The item a unit asks about, what `--shard` hashes: the item id of hierarchy and CLIP questions,
+    the image key (the path as written in the file) of classification items, never a line number, so an
+    item keeps its shard when the file grows."""
+    for g in unit.groups:
+        d = g.data
+        key = getattr(d, "item_id", None)  # hierarchy / CLIP question
+        if key is None:
+            key = getattr(getattr(d, "item", None), "key", None)  # classification question -> ClassItem
+        if key is None and isinstance(d, dict):
+            key = d.get("item")  # log-likelihood (None for the image-free prior)
+        if key is None and not isinstance(d, dict):
+            key = getattr(d, "key", None)  # ImageWikiQA item
+        return str(key) if key is not None else g.qid
+    for rec in unit.records:  # only auto-filled lines left
+        return str(rec.get("item"))
+    return ""
+
+
+def shard_of(key: str, n: int) -> int:
+    """The shard (0..n-1) of an item key: a stable hash (blake2b), the same on every machine and run."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % n
+
+
+def shard_units(units: Iterable[Unit], shard: tuple[int, int]) -> Iterator[Unit]:
+    i, n = shard
+    return (u for u in units if shard_of(item_key(u), n) == i)
 
 
 def _check_inputs(spec: RunSpec) -> None:
@@ -95,9 +133,32 @@ def _redacted(spec: RunSpec) -> RunSpec:
     return spec
 
 
+def _install_signals(loop: asyncio.AbstractEventLoop, handler: Callable[[int], None]) -> list[tuple[int, Any]]:
+    """SIGTERM and SIGINT -> handler(signum) on the loop (main thread only); the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    out = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        prev = signal.getsignal(sig)
+        try:
+            loop.add_signal_handler(sig, handler, sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            continue
+        out.append((sig, prev))
+    return out
+
+
+def _remove_signals(loop: asyncio.AbstractEventLoop, installed: list[tuple[int, Any]]) -> None:
+    for sig, prev in installed:
+        with contextlib.suppress(Exception):
+            loop.remove_signal_handler(sig)
+        with contextlib.suppress(TypeError, ValueError):
+            signal.signal(sig, prev)  # what the caller had (asyncio would leave the default)
+
+
 async def _execute(spec: RunSpec, endpoints: list[str], *, dry_run: bool, progress: bool,
-                   on_engine: Callable[[Engine], Any] | None) -> RunResult:
-    folder = RunFolder(spec.out)
+                   on_engine: Callable[[Engine], Any] | None, lock: FolderLock | None = None) -> RunResult:
+    folder = RunFolder(spec.out, spec.shard)
     backend = _backend(spec, endpoints)
     if isinstance(spec.backend, EndpointBackend) and isinstance(spec.task, HierarchyTask) \
             and spec.task.answer == "choice" and any("api.openai.com" in e for e in endpoints):
@@ -109,19 +170,19 @@ async def _execute(spec: RunSpec, endpoints: list[str], *, dry_run: bool, progre
         if hasattr(exp, "prepare"):
             await exp.prepare(backend)
         if dry_run:
-            done = folder.done() if folder.results.exists() else set()
+            done = folder.done(repair=False)  # another process may be writing: read only
             return RunResult(folder.path, "dry-run", ExitCode.INPUT if exp.report.errors else ExitCode.OK,
                              lines=exp.dry_run(done) + [f"invalid input: {e}" for e in exp.report.errors[:20]])
-        folder.check(exp.kind, exp.settings, spec.force)
         folder.prepare()
-        done = folder.done(spec.retry_errors)
         started = now()
         recorded = _redacted(spec.model_copy(update={"model": model}))  # the served model, not a guess
         extra = {"endpoints": [redact_url(e) for e in endpoints], "command": sys.argv[:1] + ["run", "..."]}
         if isinstance(spec.backend, EndpointBackend):
             extra["api_key_env"] = spec.backend.api_key_env  # the name of the variable, never its value
-        folder.write_manifest(kind=exp.kind, spec=recorded, settings=exp.settings, status="running",
-                              started=started, **extra)
+        # the settings check against run.json (every shard's) and the first manifest, as one step
+        folder.claim(kind=exp.kind, settings=exp.settings, force=spec.force, spec=recorded, status="running",
+                     started=started, **extra)
+        done = folder.done(spec.retry_errors)  # every results file of the folder: all shards
         b = spec.backend
         cache = None
         if spec.cache:
@@ -150,27 +211,55 @@ async def _execute(spec: RunSpec, endpoints: list[str], *, dry_run: bool, progre
             image_workers=getattr(backend, "image_workers", 4) if clip else 4)
         if on_engine is not None:
             on_engine(engine)
+        units = exp.units(done)
+        if folder.shard is not None:
+            units = shard_units(units, folder.shard)
+        loop = asyncio.get_running_loop()
+        interrupted: list[str] = []
+        run_task: asyncio.Future | None = None
+
+        def on_signal(sig: int) -> None:
+            if interrupted:  # a second signal: stop without waiting for the answers in flight
+                if run_task is not None:
+                    run_task.cancel()
+                return
+            interrupted.append(signal.Signals(sig).name)
+            engine.stop(f"interrupted by {interrupted[0]}")  # queued work is dropped, in-flight answers kept
+
+        installed = _install_signals(loop, on_signal)
         try:
             with store:
                 async with Progress(engine.stats, progress):
                     try:
-                        stats = await engine.run(exp.units(done))
+                        run_task = asyncio.ensure_future(engine.run(units))
+                        stats = await run_task
                     except ItemError as e:  # strict: stop at the bad line; what was written is kept
                         engine.stats.fatal = str(e)
                         stats = engine.stats
+                    except asyncio.CancelledError:
+                        task = asyncio.current_task()
+                        if not interrupted or (task is not None and task.cancelling()):
+                            raise
+                        stats = engine.stats  # the second signal: the answers written so far are kept
         finally:
+            _remove_signals(loop, installed)
             if cache is not None:
                 cache.close()
-        summary = exp.summarize(folder.results) if folder.results.exists() else {}
-        folder.write_summary(summary)
-        unanswered = exp.unanswered(summary)
-        status = ("fatal" if stats.fatal else "unavailable" if stats.unavailable else "stopped" if stats.stopped
-                  else "incomplete" if unanswered else "done")
+        # summary.json: every shard's answers as one run (computed under the folder's manifest lock)
+        summary = folder.write_summary(lambda: exp.summarize(folder.path) if folder.results_files() else {})
+        own = summary
+        if folder.shard is not None:  # this shard's exit status: its own failures, not the other shards'
+            own = exp.summarize(folder.results) if folder.results.exists() else {}
+        unanswered = exp.unanswered(own)
+        status = ("fatal" if stats.fatal else "unavailable" if stats.unavailable else "interrupted" if interrupted
+                  else "stopped" if stats.stopped else "incomplete" if unanswered else "done")
         if hasattr(backend, "stats"):
             extra["backend"] = backend.stats()  # CLIP: encoder calls, images and texts encoded
         folder.write_manifest(kind=exp.kind, spec=recorded, settings=exp.settings, status=status,
                               started=started, stats=stats.to_json(), **extra)
         lines = _lines(stats, exp, summary, folder)
+        if lock is not None:
+            lines[:0] = [x for x in (lock.note, lock.stale_line()) if x]
         if stats.fatal:
             code = ExitCode.INPUT if isinstance(stats.fatal, str) and stats.fatal.startswith(str(spec.data)) \
                 else ExitCode.FATAL
@@ -178,6 +267,10 @@ async def _execute(spec: RunSpec, endpoints: list[str], *, dry_run: bool, progre
         if stats.unavailable:
             return RunResult(folder.path, status, ExitCode.UNAVAILABLE, summary, stats.to_json(),
                              f"{stats.unavailable}; results kept: run the same command again once it is back", lines)
+        if interrupted:
+            return RunResult(folder.path, status, ExitCode.INTERRUPTED, summary, stats.to_json(),
+                             f"interrupted by {interrupted[0]}: the {stats.answered + stats.failed:,} answers "
+                             "written are kept; run the same command again to continue", lines)
         if stats.stopped:
             return RunResult(folder.path, status, ExitCode.UNANSWERED, summary, stats.to_json(),
                              f"{stats.stopped}; run the same command again to continue", lines)
@@ -208,6 +301,8 @@ def execute(spec: RunSpec, *, dry_run: bool = False, progress: bool = False, qui
     """Run a spec to the end (or until stopped); resumable. Invalid input raises ValueError /
     FileNotFoundError naming the field or file; backend failures come back as a FATAL result."""
     _check_inputs(spec)
+    if spec.shard is not None:
+        parse_shard(spec.shard)  # a spec built without validation: the message names the flag
     try:
         import uvloop  # optional: a faster event loop where installed
 
@@ -215,6 +310,14 @@ def execute(spec: RunSpec, *, dry_run: bool = False, progress: bool = False, qui
     except ImportError:
         runner = asyncio.run
     with ExitStack() as stack:
+        lock = None
+        if not dry_run:  # one writer per results file, checked before a server starts or a model loads
+            folder = RunFolder(spec.out, spec.shard)
+            folder.prepare()
+            try:
+                lock = stack.enter_context(folder.lock())
+            except RunLocked as e:
+                return RunResult(folder.path, "locked", ExitCode.LOCKED, message=str(e))
         endpoints: list[str] = []
         b = spec.backend
         if isinstance(b, EndpointBackend):
@@ -238,6 +341,7 @@ def execute(spec: RunSpec, *, dry_run: bool = False, progress: bool = False, qui
                     update["backend"] = b.model_copy(update={"api_key_env": server.api_key_env})
                 spec = spec.model_copy(update=update)
         try:
-            return runner(_execute(spec, endpoints, dry_run=dry_run, progress=progress, on_engine=on_engine))
+            return runner(_execute(spec, endpoints, dry_run=dry_run, progress=progress, on_engine=on_engine,
+                                   lock=lock))
         except FatalError as e:
             return RunResult(Path(spec.out), "fatal", ExitCode.FATAL, message=str(e))

@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 
+from harness.metrics.readers import SHARD_RESULTS
 from harness.metrics.report import summarize_path as summarize_hierarchy
 
 CLASSIFICATION_KINDS = ("classify", "loglik", "wikiqa")
@@ -16,7 +17,7 @@ _OLD_KINDS = {"generation": "classify"}  # run.json of folders written before th
 def run_kind(path: str | Path) -> str:
     """The kind recorded in a run folder's run.json (hierarchy for result files and older folders)."""
     p = Path(path)
-    folder = p if p.is_dir() else p.parent if p.name == "results.jsonl" else None
+    folder = p if p.is_dir() else p.parent if p.name == "results.jsonl" or SHARD_RESULTS.fullmatch(p.name) else None
     if folder is None or not (folder / "run.json").is_file():
         return "hierarchy"
     try:

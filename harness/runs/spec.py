@@ -17,6 +17,21 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 
+SHARD_HELP = "expected I/N with 0 <= I < N (shards 0/3, 1/3 and 2/3 make one run)"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """(I, N) of `--shard I/N`; a ValueError naming the flag otherwise."""
+    i, sep, n = str(text).strip().partition("/")
+    try:
+        ii, nn = int(i), int(n)
+    except ValueError:
+        ii = nn = -1
+    if not sep or not 0 <= ii < nn:
+        raise ValueError(f"--shard {text!r}: {SHARD_HELP}")
+    return ii, nn
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
 
@@ -237,6 +252,21 @@ class RunSpec(_Spec):
     """USD per 1M prompt tokens (default: the built-in table)."""
     price_out: float | None = Field(None, ge=0)
     """USD per 1M completion tokens."""
+    shard: str | None = None
+    """I/N: this job asks only the items of shard I of N (0 <= I < N, by a stable hash of the item id);
+    N jobs share `out`, each writing results.shard-I-of-N.jsonl under its own lock."""
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        try:
+            i, n = parse_shard(v)
+        except ValueError:
+            raise ValueError(SHARD_HELP) from None  # the CLI prefixes the flag and the value
+        return f"{i}/{n}"
+
 
     @field_validator("image_root_map")
     @classmethod
