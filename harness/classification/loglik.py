@@ -352,9 +352,17 @@ def _topk_hits(scores, labels, k: int):
     return float(top1.mean() * 100), float(topk.mean() * 100)
 
 
-def score_run(records: Iterable[dict], classes: Sequence[str], alphas: Sequence[float] = tuple(range(9))) -> dict:
+def score_run(records: Iterable[dict], classes: Sequence[str], alphas: Sequence[float] = tuple(range(9)),
+              *, reference_classes: Sequence[str] | None = None) -> dict:
     """Top-1 / top-5 of sum and mean scores, the transductive calibration sweep and the image-free prior
-    sweep. Streams the records: only two floats per image and class are kept."""
+    sweep. Streams the records: only two floats per image and class are kept.
+
+    `classes` are the unique class names the run scored. Duplicate names (ImageNet lists `missile` and
+    `sunglasses` twice) are one candidate, so an image of either class is right when that name wins
+    (robust). `reference_classes` (the full class list, duplicates included) reproduces the reference
+    instead: every list entry is a candidate (a duplicate gets its name's score twice), an image's label
+    maps to the *last* index of its name (`{c: i for i, c in enumerate(classes)}`) while equal scores
+    rank the lower index first, so images of a duplicated class are never top-1 correct."""
     import numpy as np
 
     pos = {c: i for i, c in enumerate(classes)}
@@ -388,7 +396,18 @@ def score_run(records: Iterable[dict], classes: Sequence[str], alphas: Sequence[
     if not labels:
         return out
     y = np.array(labels)
+    cols = None
+    if reference_classes is not None:  # the reference's candidate list, duplicates and all
+        missing = sorted(set(reference_classes) - set(pos))
+        if missing:
+            raise ValueError(f"reference class list has names the run did not score: {missing[:5]}")
+        cols = np.array([pos[c] for c in reference_classes])
+        last = {c: i for i, c in enumerate(reference_classes)}
+        y = np.array([last[classes[k]] for k in labels])
+        out["n_candidates"] = len(reference_classes)
     for name, X in (("sum", np.vstack(S_rows)), ("mean", np.vstack(M_rows))):
+        if cols is not None:
+            X = X[:, cols]
         t1, t5 = _topk_hits(X, y, 5)
         out[name] = {"top1": t1, "top5": t5}
         cal = X.mean(axis=0)  # per class, mean over the run's images (the reference's transductive prior)
@@ -396,6 +415,8 @@ def score_run(records: Iterable[dict], classes: Sequence[str], alphas: Sequence[
                                      for a in alphas}
         if prior is not None:
             P = np.array([sum(t) if name == "sum" else sum(t) / len(t) for t in prior])
+            if cols is not None:
+                P = P[cols]
             out[f"{name}_prior"] = {_a(a): dict(zip(("top1", "top5"), _topk_hits(a * X + (1 - a) * P, y, 5)))
                                     for a in alphas}
     assert n_tok is not None

@@ -26,8 +26,8 @@ class Style:
     request: RequestKind = "chat"
     template: RawTemplate | None = None
     text_first: bool = False
-    max_tokens: int = 64
-    temperature: float = 0.0
+    max_tokens: int | None = 64  # None: not sent (the provider's default), as the reference's API calls
+    temperature: float | None = 0.0  # None: not sent
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -47,7 +47,11 @@ def user_message(text: str, image: ImagePayload | None, text_first: bool = False
 
 
 def _sampling(style: Style, body: dict) -> dict:
-    body.update(model=style.model, max_tokens=style.max_tokens, temperature=style.temperature)
+    body["model"] = style.model
+    if style.max_tokens is not None:
+        body["max_tokens"] = style.max_tokens
+    if style.temperature is not None:
+        body["temperature"] = style.temperature
     if style.seed is not None:
         body["seed"] = style.seed
     return body

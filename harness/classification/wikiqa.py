@@ -130,13 +130,17 @@ class WikiQATask:
         return self._base(group) | {"letter": None, "prediction": None, "raw": None, "pred": None, "error": error}
 
 
-def score_run(records: Sequence[dict], seed: int = 1234) -> dict:
+def score_run(records: Sequence[dict], seed: int = 1234, rng: random.Random | None = None) -> dict:
     """Accuracy under both parsers; the reference's random guesses and the robust parser's unparsed
-    answers are counted. Records are taken in file order (the reference's random stream order)."""
+    answers are counted. Records are taken in file order (the reference's random stream order).
+
+    The MMMU parser's guesses come from `rng`, or from a Random seeded `seed` for this run alone.
+    The reference notebook seeded once and continued the one stream across all its output files:
+    `score_runs` reproduces that by passing one `rng` through the runs in order."""
     from harness.classification.metrics import accuracy
 
     recs = sorted(records, key=lambda r: r.get("line", 0))
-    rng = random.Random(seed)
+    rng = random.Random(seed) if rng is None else rng
     ref_hits, rob_hits = [], []
     n_random = random_right = unparsed = 0
     for r in recs:
@@ -158,3 +162,12 @@ def score_run(records: Sequence[dict], seed: int = 1234) -> dict:
         "reference": accuracy(ref_hits).to_json() | {"random_guesses": n_random, "random_right": random_right},
         "robust": accuracy(rob_hits).to_json() | {"unparsed": unparsed},
     }
+
+
+def score_runs(runs: Sequence[Sequence[dict]], seed: int = 1234) -> list[dict]:
+    """Several runs scored as the reference notebook scored its output files: `random.seed(seed)` once,
+    then every file in turn (each in line order) draws its random guesses from the same stream, so a
+    file's guesses depend on how many guesses the files before it drew. `runs` is in the notebook's
+    file order; the robust parser never guesses and is unaffected."""
+    rng = random.Random(seed)
+    return [score_run(r, seed, rng=rng) for r in runs]

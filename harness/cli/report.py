@@ -18,6 +18,11 @@ def add_cli(sub) -> None:
     r.add_argument("--markdown", metavar="FILE")
     r.add_argument("--html", metavar="OUT.html",
                    help="also write one self-contained HTML report (figures, taxonomy map, failure gallery)")
+    r.add_argument("--reference-format", metavar="OUT.json",
+                   help="also write the run in the reference result format (a JSON list of dicts with "
+                        "ground_truth_levelN / predicted_levelN; binary runs: what metric_binary.py reads), "
+                        "so the authors' utils/metric.py or utils/metric_binary.py reads it unchanged; one "
+                        "hierarchy run only")
     r.add_argument("--score-from", type=int, default=None,
                    help="reference-format files: first scored level (default: 1, or 2 when level 1 is the root)")
     r.set_defaults(func=cmd_report)
@@ -41,11 +46,36 @@ def _classification(path: str) -> dict | None:
     return {"kind": OLD_KINDS.get(kind, kind)} | summarize_folder(p if p.is_dir() else p.parent)
 
 
+def _wikiqa_stream(paths: list[str], cls: dict[str, dict]) -> None:
+    """ImageWikiQA runs of protocol reference: their random guesses continue one stream across the runs,
+    in the order given (the reference notebook's seed-once loop over its output files)."""
+    from harness.runs.classification import read_manifest, score_wikiqa_stream
+
+    chain = [p for p in paths if p in cls and cls[p]["kind"] == "wikiqa"
+             and read_manifest(p).get("settings", {}).get("protocol") == "reference"]
+    if len(chain) > 1:
+        for p, s in zip(chain, score_wikiqa_stream(chain)):
+            cls[p] = {"kind": "wikiqa"} | s
+
+
 def cmd_report(args) -> int:
     cls = {p: s for p in args.paths if (s := _classification(p)) is not None}
+    _wikiqa_stream(args.paths, cls)
     hier = [p for p in args.paths if p not in cls]
     results = rows(hier, args.score_from) if hier else []
     by_path = dict(zip(hier, results))
+    if args.reference_format:
+        if len(args.paths) != 1 or not hier:
+            print("harness report: --reference-format takes one hierarchy run folder or results file",
+                  file=sys.stderr)
+            return 2
+        from harness.metrics.readers import write_reference_export
+
+        n, start, binary = write_reference_export(args.paths[0], args.reference_format)
+        how = ("utils/metric_binary.py --file_path" if binary
+               else "utils/metric.py" + (" --cub" if start == 1 else "") + " --file_path")
+        print(f"harness report: wrote {n:,} records to {args.reference_format} (check: python {how} "
+              f"{args.reference_format})", file=sys.stderr)
     if args.csv:
         Path(args.csv).write_text(to_csv(results))
     if args.markdown:

@@ -7,6 +7,7 @@ are case-insensitive. Every metric is a per-item value averaged over items, x100
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -102,13 +103,13 @@ class Summary:
     n_errors: int = 0
 
     def to_json(self) -> dict:
+        """Machine-readable form at full precision (`report --json`, summary.json, `harness.report`):
+        displays round, this never does (38.416666... stays 38.416666..., as the reference prints it)."""
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         for k in ("hca_ci", "leaf_acc_ci"):
-            d[k] = [round(x, 4) if x == x else None for x in d[k]]
-        for k, v in list(d.items()):
-            if isinstance(v, float):
-                d[k] = round(v, 4)
-        d["per_level"] = {k: round(v, 4) for k, v in d["per_level"].items()}
+            d[k] = [None if math.isnan(x) else x for x in d[k]]  # NaN (no items) -> null
+        d["per_level"] = dict(d["per_level"])
+        d["per_level_n"] = dict(d["per_level_n"])
         return d
 
 

@@ -68,8 +68,8 @@ class ClassifySettings(Settings):
     request: str
     template: str | None
     text_first: bool
-    max_tokens: int
-    temperature: float
+    max_tokens: int | None  # None: not sent (preset reference-api)
+    temperature: float | None  # None: not sent (preset reference-api)
     sampling_seed: int | None = None
     max_side: int | None = None
     media: str = Field("base64", json_schema_extra=NOT_ANSWERS)
@@ -94,6 +94,7 @@ class LoglikSettings(Settings):
     text_first: bool
     seed: int
     prior: bool = Field(False, json_schema_extra=NOT_ANSWERS)  # adds the prior line, changes no other
+    protocol: str = Field("robust", json_schema_extra=NOT_ANSWERS)  # scoring only: duplicate class names
     max_side: int | None = None
     media: str = Field("base64", json_schema_extra=NOT_ANSWERS)
     limit: int | None = Field(json_schema_extra=NOT_ANSWERS)
@@ -110,8 +111,9 @@ class WikiQASettings(Settings):
     request: str
     template: str | None
     text_first: bool
-    max_tokens: int
-    temperature: float
+    max_tokens: int | None  # None: not sent (preset reference-api)
+    temperature: float | None  # None: not sent (preset reference-api)
+    protocol: str = Field("robust", json_schema_extra=NOT_ANSWERS)  # scoring only: the random-guess stream
     sampling_seed: int | None = None
     max_side: int | None = None
     media: str = Field("base64", json_schema_extra=NOT_ANSWERS)
@@ -121,13 +123,24 @@ class WikiQASettings(Settings):
 
 # ------------------------------------------------------------------ helpers
 
+PRESETS: dict[str, dict] = {
+    # The reference's API calls (GPT-4, Claude, Gemini; classification-protocol.md section 2) set neither
+    # temperature nor a token limit: the provider's defaults apply. Not copied: its retry loop sent every
+    # request 3 times and silently dropped failures [reference bug]; here each request is sent once
+    # (retried only on failure) and a failure is recorded.
+    "reference-api": {"max_tokens": None, "temperature": None},
+}
+
+
 def _style(spec: RunSpec, t: ClassifyTask | WikiQATask, model: str, default_max_tokens: int) -> Style:
     template = raw_template(t.template) if t.template else None
     if t.request == "raw" and template is None:
         raise ValueError(_RAW_NEEDS_TEMPLATE)
+    preset = PRESETS[t.preset] if t.preset else {"max_tokens": default_max_tokens, "temperature": 0.0}
     return Style(model=model, request=t.request, template=template, text_first=t.text_first,
-                 max_tokens=spec.max_tokens or default_max_tokens,
-                 temperature=spec.temperature if spec.temperature is not None else 0.0, seed=spec.seed)
+                 max_tokens=spec.max_tokens or preset["max_tokens"],
+                 temperature=spec.temperature if spec.temperature is not None else preset["temperature"],
+                 seed=spec.seed)
 
 
 def _load_data(spec: RunSpec, t: ClassifyTask | LoglikTask):
@@ -244,7 +257,7 @@ class ClassificationExperiment:
             classes_sha256=file_hash(ds.classes), split=ds.split, question=question, prefix=prefix, method=t.method,
             request=t.request, template=t.template, text_first=t.text_first, seed=t.seed, prior=t.prior,
             max_side=spec.max_side, media=spec.media, limit=spec.limit, first_synonym=t.first_synonym,
-            catalogue_sha256=catalogue_hash())
+            catalogue_sha256=catalogue_hash(), protocol=t.protocol)
         self.task = L.LoglikTask(style, uniq, t.method)
 
         def units(done: set[str]) -> Iterator[Unit]:
@@ -257,7 +270,8 @@ class ClassificationExperiment:
                     yield self.task.unit(qid, it.image, {"item": it.key, "line": it.line, "label": it.label})
 
         self._units = units
-        self._summarize = lambda path: L.score_run(latest_records(path), uniq)
+        ref = classes if t.protocol == "reference" else None
+        self._summarize = lambda path: L.score_run(latest_records(path), uniq, reference_classes=ref)
 
     # -- ImageWikiQA
     def _wikiqa(self, t: WikiQATask, model: str) -> None:
@@ -271,7 +285,7 @@ class ClassificationExperiment:
             model=model, data=str(data), data_sha256=file_hash(data), cot=t.cot, control=t.control,
             request=t.request, template=t.template, text_first=t.text_first, max_tokens=style.max_tokens,
             temperature=style.temperature, sampling_seed=spec.seed, max_side=spec.max_side, media=spec.media,
-            limit=spec.limit, catalogue_sha256=catalogue_hash())
+            limit=spec.limit, catalogue_sha256=catalogue_hash(), protocol=t.protocol)
         self.task = W.WikiQATask(style, cot=t.cot, control=t.control)
 
         def units(done: set[str]) -> Iterator[Unit]:
@@ -373,10 +387,19 @@ def score_folder(run: str | Path, *, synonyms: str | None = None, mapper=None,
         syn = load_synonyms(synonyms, classes) if synonyms else None
         return kind, G.score_run(records, classes, synonyms=syn, mapper=mapper, direct_rule=direct)
     if kind == "loglik":
-        return kind, L.score_run(records, unique(run_classes(m)))
+        classes = run_classes(m)
+        ref = classes if m["settings"].get("protocol") == "reference" else None
+        return kind, L.score_run(records, unique(classes), reference_classes=ref)
     if kind == "wikiqa":
         return kind, W.score_run(records)
     raise ValueError(f"{run}/run.json: not a classification run (kind {kind!r})")
+
+
+def score_wikiqa_stream(runs: list[str | Path]) -> list[dict]:
+    """ImageWikiQA runs scored as the reference notebook scored its output files: one seed-1234 random
+    stream for the MMMU parser's guesses, continued from run to run in the order given (each run in
+    line order). Give the runs in the notebook's file order to reproduce its numbers."""
+    return W.score_runs([_records(r) for r in runs])
 
 
 def summarize_folder(folder: str | Path) -> dict:

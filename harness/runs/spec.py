@@ -170,6 +170,8 @@ class ClassifyTask(_ClassifyData, _RequestStyle):
     """reference: the seed-1234 global candidate stream; robust: per-item hashed candidates."""
     seed: int = 1234
     """Seed of the candidate stream."""
+    preset: Literal["reference-api"] | None = None
+    """reference-api: the reference's API decoding (no temperature, no max_tokens: the provider's defaults)."""
 
 
 class LoglikTask(_ClassifyData, _RequestStyle):
@@ -188,6 +190,10 @@ class LoglikTask(_ClassifyData, _RequestStyle):
     """trie: one prefix-cached request per node of the class-token trie; prompt-logprobs: one request a class."""
     group_workers: int = Field(2, ge=1)
     """Images in flight (each fans out over the classes)."""
+    protocol: Literal["reference", "robust"] = "robust"
+    """Scoring of duplicate class names (ImageNet's missile, sunglasses): reference: every list entry a
+    candidate, the label at its last index, ties to the lower index (never top-1 right); robust: one
+    candidate per name, right for either class."""
 
 
 class WikiQATask(_RequestStyle):
@@ -198,6 +204,12 @@ class WikiQATask(_RequestStyle):
     """Append "Let's think step by step."."""
     control: Literal["none", "classname", "noimage"] = "none"
     """classname: 'this object' -> the class name, text only; noimage: the question without the image."""
+    protocol: Literal["reference", "robust"] = "robust"
+    """reference: the MMMU parser's random guesses continue one seed-1234 stream across the runs
+    `harness report` is given (in that order), as the reference notebook did over its files; robust:
+    each run reseeds."""
+    preset: Literal["reference-api"] | None = None
+    """reference-api: the reference's API decoding (no temperature, no max_tokens: the provider's defaults)."""
 
 
 Task = Annotated[Annotated[HierarchyTask, Tag("hierarchy")] | Annotated[ClassifyTask, Tag("classify")]

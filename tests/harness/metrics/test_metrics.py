@@ -185,9 +185,10 @@ def test_summary_small_case_in_percent():
     assert s.per_level == pytest.approx({"1": 100.0, "2": 200 / 3, "3": 200 / 3, "4": 200 / 3})
     assert s.per_level_n == {"1": 3, "2": 3, "3": 3, "4": 3}
     j = s.to_json()
-    assert j["hca"] == 33.3333 and j["per_level"]["2"] == 66.6667 and j["n_items"] == 3
+    # machine-readable output carries full precision (no rounding to 4 decimals)
+    assert j["hca"] == 1 / 3 * 100 and j["per_level"]["2"] == 2 / 3 * 100 and j["n_items"] == 3
     lo, hi = j["hca_ci"]
-    assert 0 <= lo <= 33.3333 <= hi <= 100
+    assert 0 <= lo <= 100 / 3 <= hi <= 100
 
 
 def test_per_level_uses_level_numbers_and_counts_missing_predictions():
