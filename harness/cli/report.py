@@ -14,8 +14,12 @@ def add_cli(sub) -> None:
     r = sub.add_parser("report", help="metrics of finished runs, side by side")
     r.add_argument("paths", nargs="+", metavar="DIR_OR_FILE", help="run folder, results.jsonl, or a reference-format JSON list")
     r.add_argument("--json", action="store_true", help="print one JSON object (a list for several inputs)")
-    r.add_argument("--csv", metavar="FILE")
-    r.add_argument("--markdown", metavar="FILE")
+    r.add_argument("--csv", metavar="FILE",
+                   help="also write the hierarchy runs' metrics to FILE as CSV: one row per run, every metric, "
+                        "the HCA 95%% interval and per-level accuracy")
+    r.add_argument("--markdown", metavar="FILE",
+                   help="also write the hierarchy runs' table to FILE as Markdown (HCA, 95%% CI, leaf, POR, "
+                        "strict POR, TOR, per-level accuracy)")
     r.add_argument("--html", metavar="OUT.html",
                    help="also write one self-contained HTML report (figures, taxonomy map, failure gallery)")
     r.add_argument("--reference-format", metavar="OUT.json",

@@ -24,7 +24,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="openai: OpenAI-compatible endpoints (vLLM, GPT-4o, any server); clip[:SPEC]: a local "
                         "CLIP/SigLIP scorer (SPEC: open_clip:ARCH/PRETRAINED, hf:ID_OR_PATH; or give --model)")
     g.add_argument("--endpoint", action="append", default=[], metavar="URL",
-                   help="OpenAI-compatible base URL (repeat for several servers). Without it, a local server is started for --model")
+                   help="OpenAI-compatible base URL (repeat for several servers; URL#dp=N: a data-parallel vLLM with N "
+                        "engines, each item pinned to one). Without it, a local server is started for --model")
     g.add_argument("--model", help="served model name (may be omitted if the endpoint serves one model), or a local path / hub id without --endpoint")
     g.add_argument("--data", help="items JSONL (reference annotation format); required unless --spec")
     g.add_argument("--out", help="run folder (results.jsonl, run.json, summary.json); required unless --spec")
@@ -56,7 +57,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-logprobs", type=int, default=20)
     g = p.add_argument_group("transport")
     g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    g.add_argument("--concurrency", type=int, default=64)
+    g.add_argument("--concurrency", type=int, default=None,
+                   help="requests in flight per endpoint (default: 256 per vLLM engine, 256*N for URL#dp=N)")
+    g.add_argument("--unavailable-after", type=float, default=120.0, metavar="SECONDS",
+                   help="stop (exit 5, resumable) when no endpoint has been healthy for this long")
     g.add_argument("--rps", type=float, help="requests per second limit")
     g.add_argument("--tpm", type=int, help="tokens per minute budget (estimated)")
     g.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
@@ -80,6 +84,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--spec", metavar="FILE", help="run a RunSpec file (TOML or JSON) instead of the flags above")
     g.add_argument("--quiet", action="store_true", help="no progress display")
     g.add_argument("--force", action="store_true", help="resume even if run.json settings differ")
+    from harness.cli.spec_help import help_from_fields
+    from harness.runs.spec import ClipBackend, EndpointBackend, HierarchyTask
+
+    help_from_fields(p, RunSpec, HierarchyTask, EndpointBackend, ClipBackend)  # flags without help: the field's doc
 
 
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
@@ -96,7 +104,8 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     else:
         backend = {"kind": "openai", "endpoints": args.endpoint, "api_key_env": args.api_key_env,
                    "concurrency": args.concurrency, "rps": args.rps, "tpm": args.tpm, "timeout": args.timeout,
-                   "max_retries": args.max_retries, "server_timeout": args.server_timeout}
+                   "max_retries": args.max_retries, "server_timeout": args.server_timeout,
+                   "unavailable_after": args.unavailable_after}
     task = {"kind": "hierarchy", "taxonomy": args.taxonomy, "mode": args.mode, "prompt_variant": args.prompt_variant,
             "profile": args.profile, "protocol": args.protocol, "preset": args.preset, "answer": args.answer,
             "system": args.system, "suffix": args.suffix, "taxonomy_cot": args.taxonomy_cot,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.backends.http import Client, FatalError, RetryPolicy, redact_url
+from harness.backends.http import Client, FatalError, RetryPolicy, endpoint_concurrency, redact_url
 from harness.data.items import ItemError
 from harness.engine.core import Engine, Unit
 from harness.engine.progress import Progress
@@ -108,8 +108,10 @@ def _backend(spec: RunSpec, endpoints: list[str]):
                           workers=b.workers, text_batch=b.text_batch)
     assert isinstance(b, EndpointBackend)
     api_key = os.environ.get(b.api_key_env) or None
-    return Client(endpoints, api_key, timeout=b.timeout, connections=max(64, b.concurrency * 2),
-                  key_env=b.api_key_env)  # messages name the variable, never the key
+    total = sum(endpoint_concurrency(u, b.concurrency) for u in endpoints)
+    return Client(endpoints, api_key, timeout=b.timeout, connections=max(64, total * 2),
+                  key_env=b.api_key_env,  # messages name the variable, never the key
+                  concurrency=b.concurrency, unavailable_after=b.unavailable_after)
 
 
 async def resolve_model(backend, model: str | None) -> str:
@@ -200,7 +202,10 @@ async def _execute(spec: RunSpec, endpoints: list[str], *, dry_run: bool, progre
             token_limiter = AsyncLimiter(b.tpm, 60)
         clip = isinstance(b, ClipBackend)
         # a CLIP scorer fills a batch from the questions in flight: 4 levels an image, so 8 per batch slot
-        concurrency = b.batch_size * 8 if clip else b.concurrency
+        # endpoints: per-endpoint concurrency summed; with several, twice that many engine workers (the
+        # client caps each endpoint at its share): a worker waiting on a busy endpoint starves no other
+        concurrency = b.batch_size * 8 if clip else sum(endpoint_concurrency(u, b.concurrency) for u in endpoints) \
+            * (2 if len(endpoints) > 1 else 1)
         engine = Engine(
             backend, exp.task, (store := folder.store()).append, concurrency=concurrency,
             group_workers=exp.group_workers, media=spec.media, max_side=getattr(exp, "max_side", spec.max_side),
@@ -296,6 +301,18 @@ def _lines(stats, exp, summary: dict, folder: RunFolder) -> list[str]:
     return out
 
 
+def _remove_if_unused(path: Path) -> None:
+    """Remove a run folder this invocation created when it holds nothing but lock files."""
+    try:
+        entries = list(path.iterdir())
+        if all(e.name.startswith(".lock") and e.is_file() for e in entries):
+            for e in entries:
+                e.unlink()
+            path.rmdir()
+    except OSError:
+        pass
+
+
 def execute(spec: RunSpec, *, dry_run: bool = False, progress: bool = False, quiet_server: bool = False,
             on_engine: Callable[[Engine], Any] | None = None) -> RunResult:
     """Run a spec to the end (or until stopped); resumable. Invalid input raises ValueError /
@@ -313,6 +330,8 @@ def execute(spec: RunSpec, *, dry_run: bool = False, progress: bool = False, qui
         lock = None
         if not dry_run:  # one writer per results file, checked before a server starts or a model loads
             folder = RunFolder(spec.out, spec.shard)
+            if not folder.path.exists():  # a run that fails before writing anything leaves nothing behind
+                stack.callback(_remove_if_unused, folder.path)
             folder.prepare()
             try:
                 lock = stack.enter_context(folder.lock())

@@ -47,8 +47,9 @@ class EndpointBackend(_Spec):
     for `RunSpec.model` (vLLM with a GPU, else `transformers serve`) and stopped after the run."""
     api_key_env: str = "OPENAI_API_KEY"
     """Name of the environment variable holding the API key (the key itself is never recorded)."""
-    concurrency: int = Field(64, ge=1)
-    """Requests in flight."""
+    concurrency: int | None = Field(None, ge=1)
+    """Requests in flight per endpoint (default: vLLM's sequence slots, 256 per engine: 256 for a URL,
+    256 * N for URL#dp=N). With one endpoint this is the run's concurrency, as before."""
     rps: float | None = Field(None, gt=0)
     """Requests per second limit."""
     tpm: int | None = Field(None, gt=0)
@@ -57,6 +58,9 @@ class EndpointBackend(_Spec):
     """Per-request timeout, seconds."""
     max_retries: int = Field(8, ge=0)
     """Retries of a request after a transient fault (429, 5xx, connection, malformed reply)."""
+    unavailable_after: float = Field(120.0, gt=0)
+    """Seconds without any usable endpoint (all failing their health probe) before the run stops with
+    exit code 5; results are kept and the same command resumes."""
     server_timeout: float = Field(3600.0, gt=0)
     """Seconds a local server started for `model` (no `endpoints`) may take to become healthy."""
 
@@ -66,6 +70,9 @@ class EndpointBackend(_Spec):
         for u in v:
             if not u.startswith(("http://", "https://")):
                 raise ValueError(f"endpoint {u!r} must start with http:// or https://")
+            frag = u.partition("#")[2]
+            if frag and not (frag.startswith("dp=") and frag[3:].isdigit() and int(frag[3:]) >= 1):
+                raise ValueError(f"endpoint {u!r}: the only URL suffix is #dp=N (a data-parallel vLLM with N engines)")
         return v
 
 
@@ -278,7 +285,6 @@ class RunSpec(_Spec):
         except ValueError:
             raise ValueError(SHARD_HELP) from None  # the CLI prefixes the flag and the value
         return f"{i}/{n}"
-
 
     @field_validator("image_root_map")
     @classmethod

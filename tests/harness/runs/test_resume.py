@@ -168,7 +168,8 @@ def test_sigkill_and_resume_gives_the_uninterrupted_results(tmp_path):
             if proc.returncode == 0:
                 break
         assert kills >= 3, f"seed {seed}: only {kills} kills landed (sizes {sizes})"
-        assert all(a < b for a, b in itertools.pairwise(sizes)) and sizes[0] > 0, sizes  # progress between kills
+        # progress between kills (a kill may land after the last line: nothing is left for the next attempt)
+        assert all(a < b or a == 4 * 6794 for a, b in itertools.pairwise(sizes)) and sizes[0] > 0, sizes
         r = subprocess.run(cmd(clean), check=False, env=cli_env(), capture_output=True, timeout=120)
         assert r.returncode == 0, r.stderr.decode()[-2000:]
     a = read_results(results)  # every line parses (the torn tails were cut on resume)
