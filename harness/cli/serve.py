@@ -10,9 +10,16 @@ import shlex
 import sys
 from pathlib import Path
 
-from harness.serving.command import default_launcher, vllm_available, vllm_command
+from harness.serving.command import default_launcher, plan_gpus, vllm_available, vllm_command
 from harness.serving.compose import COMPOSE_FILE_NAME, write_compose
-from harness.serving.profiles import API_KEY_ENV, ProfileError, list_profiles, load_all_profiles, load_profile
+from harness.serving.profiles import (
+    API_KEY_ENV,
+    ProfileError,
+    list_profiles,
+    load_all_profiles,
+    load_profile,
+    parallel_flag,
+)
 
 
 def _add_serve_options(p: argparse.ArgumentParser) -> None:
@@ -30,6 +37,16 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="name clients use (default: the profile's HF id; the profile name always works too)")
     p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="let clients send file:// image URLs under DIR instead of base64")
+    p.add_argument("--gpus", default=None, metavar="IDS",
+                   help="the GPUs to serve on, comma-separated device ids (CUDA_VISIBLE_DEVICES), e.g. 4,5,6,7; "
+                        "default: the profile's variable (e.g. $VLLM_QWEN_GPUS, as docker compose), else "
+                        "$CUDA_VISIBLE_DEVICES, else 0 .. TP x DP - 1. More ids than the tensor-parallel size "
+                        "make a data-parallel server (ids / TP engines)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, metavar="N",
+                   help="GPUs per engine (default: the profile's)")
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=None, metavar="N",
+                   help="engines behind the one port (`--data-parallel-size`; default: the number of --gpus / TP, "
+                        "else the profile's); clients: --endpoint URL#dp=N")
     p.add_argument("--api-key-env", default=API_KEY_ENV, metavar="VAR",
                    help=f"environment variable holding the API key (default {API_KEY_ENV}); the server "
                         "gets it as its own VLLM_API_KEY, never on the command line")
@@ -73,11 +90,13 @@ def _print_table() -> None:
     from rich.table import Table
 
     table = Table(title="Server profiles (servers/*.toml)")
-    for col in ("profile", "model", "kind", "service", "port", "GPUs", "max len", "hf id"):
+    for col in ("profile", "model", "kind", "service", "port", "GPUs (TPxDP)", "GPU variable", "max len", "hf id"):
         table.add_column(col, no_wrap=True)
     for pr in load_all_profiles():
-        table.add_row(pr.name, pr.display_name, pr.kind, pr.compose_service, str(pr.port), str(pr.gpus),
-                      str(pr.vllm.max_model_len), pr.hf_id)
+        v = pr.vllm
+        table.add_row(pr.name, pr.display_name, pr.kind, pr.compose_service, str(pr.port),
+                      f"{pr.gpus} ({v.tensor_parallel_size}x{v.data_parallel_size})", pr.gpus_env,
+                      str(v.max_model_len), pr.hf_id)
     con = Console()
     if not con.is_terminal:
         con = Console(width=200)
@@ -122,6 +141,18 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         print(f"harness serve: --model-path {ns.model_path}: no such folder", file=sys.stderr)
         return 2
 
+    clash = sorted({f for f in map(parallel_flag, extra) if f})
+    if clash:
+        print(f"harness serve: give {' / '.join(clash)} before `--` (a harness serve option), not to vLLM: "
+              "the parallel sizes decide the GPUs reserved", file=sys.stderr)
+        return 2
+    try:
+        gpus = plan_gpus(prof, gpus=ns.gpus, tensor_parallel_size=ns.tensor_parallel_size,
+                         data_parallel_size=ns.data_parallel_size)
+    except ValueError as e:
+        print(f"harness serve: {e}", file=sys.stderr)
+        return 2
+
     launcher = ns.launcher
     if launcher == "auto":
         launcher = "cli" if ns.dry_run else default_launcher()
@@ -134,11 +165,16 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         allowed_local_media_path=ns.allowed_local_media_path,
         extra=extra,
         launcher=launcher,
+        tensor_parallel_size=gpus.tensor_parallel_size,
+        data_parallel_size=gpus.data_parallel_size,
     )
+    gpu_note = (f"# GPUs: CUDA_VISIBLE_DEVICES={gpus.cuda_visible_devices} (tensor parallel "
+                f"{gpus.tensor_parallel_size} x data parallel {gpus.data_parallel_size}; from {gpus.source})")
     key_var = ns.api_key_env
     key_set = bool(os.environ.get(key_var))
     if ns.dry_run:
         print(shlex.join(argv))
+        print(gpu_note, file=sys.stderr)
         where = f"${key_var}" + (f" (passed to the server as ${API_KEY_ENV})" if key_var != API_KEY_ENV else "")
         state = "set" if key_set else "NOT set: the server would accept requests without a key"
         print(f"# API key: read from {where}, {state}", file=sys.stderr)
@@ -156,6 +192,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
         )
         return 2
     env = dict(os.environ)
+    env["CUDA_VISIBLE_DEVICES"] = gpus.cuda_visible_devices
     if key_set:
         env[API_KEY_ENV] = os.environ[key_var]
     else:
@@ -165,6 +202,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     if argv[0] not in ("vllm", sys.executable):  # $HARNESS_VLLM_PYTHON: its own environment
         for var in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP"):
             env.pop(var, None)
+    print(gpu_note.replace("# ", "+ ", 1), file=sys.stderr)
     print("+ " + shlex.join(argv), file=sys.stderr, flush=True)
     # Replace this process: signals (Ctrl-C, docker stop, SLURM) reach vLLM directly.
     os.execvpe(argv[0], argv, env)
@@ -180,6 +218,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "Launch `vllm serve` with a model's serving profile. Examples: `harness serve --list`; "
             "`harness serve qwen2.5-vl-7b --dry-run`; `harness serve vllm-qwen -- --max-num-seqs 64`; "
             "`harness serve /weights/qwen-ft --profile qwen2.5-vl-7b`; "
+            "`harness serve qwen2.5-vl-7b --gpus 0,1,2,3` (4 data-parallel engines); "
             "`harness serve --write-compose`. The API key is read from $VLLM_API_KEY by vLLM itself."
         ),
     )

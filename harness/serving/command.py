@@ -11,10 +11,10 @@ import importlib.util
 import os
 import shutil
 import sys
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import Iterable, Mapping
+from typing import Literal, NamedTuple
 
-from harness.serving.profiles import ServerProfile
+from harness.serving.profiles import ServerProfile, parse_device_ids
 
 __all__ = [
     "TF_LAUNCHER",
@@ -22,10 +22,12 @@ __all__ = [
     "VLLM_CLI_MODULE",
     "VLLM_PYTHON_ENV",
     "Backend",
+    "GpuPlan",
     "Launcher",
     "choose_backend",
     "default_launcher",
     "gpu_available",
+    "plan_gpus",
     "transformers_available",
     "transformers_command",
     "transformers_device",
@@ -124,23 +126,32 @@ def vllm_command(
     allowed_local_media_path: str | None = None,
     extra: Iterable[str] = (),
     launcher: Launcher = "cli",
+    tensor_parallel_size: int | None = None,
+    data_parallel_size: int | None = None,
 ) -> list[str]:
     """The full argv of a vLLM OpenAI server.
 
     With a profile: its engine arguments, serving `model` (a local folder or hub id; default the
     profile's HF id) under `served_model_name` (default the HF id) and the profile name. Without a
     profile: `model` with vLLM's defaults, served under `served_model_name` or its own name.
+    `tensor_parallel_size` / `data_parallel_size` override the profile's (`--data-parallel-size` is
+    emitted when above 1); the GPUs themselves are chosen by the caller (CUDA_VISIBLE_DEVICES).
     `launcher="cli"` gives `vllm serve MODEL ...`; "python" (alias "module") gives the same `vllm serve`
     run by `vllm_python()`: `python -c VLLM_CLI serve MODEL ...` (see VLLM_CLI)."""
     if profile is not None:
         args = profile.vllm_args(host=host, port=port, served_model_name=served_model_name,
-                                 allowed_local_media_path=allowed_local_media_path, model_path=model)
+                                 allowed_local_media_path=allowed_local_media_path, model_path=model,
+                                 tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size)
     else:
         if not model:
             raise ValueError("vllm_command: name a profile or a model")
         if port is None:
             raise ValueError("vllm_command: a model without a profile needs a port")
         args = [model, "--host", host, "--port", str(port), "--served-model-name", served_model_name or model]
+        if tensor_parallel_size is not None and tensor_parallel_size > 1:
+            args += ["--tensor-parallel-size", str(tensor_parallel_size)]
+        if data_parallel_size is not None and data_parallel_size > 1:
+            args += ["--data-parallel-size", str(data_parallel_size)]
         if allowed_local_media_path:
             args += ["--allowed-local-media-path", str(allowed_local_media_path)]
     args += list(extra)
@@ -149,6 +160,69 @@ def vllm_command(
     if launcher != "cli":
         raise ValueError(f"unknown launcher {launcher!r}: expected cli or python")
     return ["vllm", "serve", *args]
+
+
+class GpuPlan(NamedTuple):
+    """The GPUs one server takes: device ids (CUDA_VISIBLE_DEVICES), tensor and data parallel sizes."""
+
+    device_ids: list[str]
+    tensor_parallel_size: int
+    data_parallel_size: int
+    source: str
+    """Where the ids came from: "--gpus", "$VAR", "$CUDA_VISIBLE_DEVICES" or "default"."""
+
+    @property
+    def cuda_visible_devices(self) -> str:
+        return ",".join(self.device_ids)
+
+
+def plan_gpus(
+    profile: ServerProfile,
+    *,
+    gpus: str | None = None,
+    tensor_parallel_size: int | None = None,
+    data_parallel_size: int | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> GpuPlan:
+    """The explicit GPUs a server of `profile` reserves: tensor_parallel_size x data_parallel_size ids.
+
+    The ids come from `gpus` ("0,1,2,3"), else the profile's per-server variable ($VLLM_QWEN_GPUS, the
+    one docker compose reads), else $CUDA_VISIBLE_DEVICES (e.g. set by SLURM; its first TP x DP ids),
+    else 0 .. TP x DP - 1. Sizes default to the profile's; when the ids are given (`gpus` or the
+    per-server variable) and no data-parallel size is, it is their count / TP (8 ids at TP 1 = 8
+    engines). ValueError when the count does not fit."""
+    env = os.environ if environ is None else environ
+    tp = tensor_parallel_size or profile.vllm.tensor_parallel_size
+    if tp < 1 or (data_parallel_size is not None and data_parallel_size < 1):
+        raise ValueError("tensor and data parallel sizes must be >= 1")
+    explicit, source = None, "default"
+    if gpus is not None:
+        explicit, source = gpus, "--gpus"
+    elif env.get(profile.gpus_env, "").strip():
+        explicit, source = env[profile.gpus_env], f"${profile.gpus_env}"
+    if explicit is not None:
+        ids = parse_device_ids(explicit)
+        if data_parallel_size is None:
+            if len(ids) % tp:
+                raise ValueError(f"{source} names {len(ids)} GPU(s) ({','.join(ids)}): tensor parallel size {tp} "
+                                 f"needs a multiple of {tp}")
+            dp = len(ids) // tp
+        else:
+            dp = data_parallel_size
+            if len(ids) != tp * dp:
+                raise ValueError(f"{source} names {len(ids)} GPU(s) ({','.join(ids)}): tensor parallel {tp} x "
+                                 f"data parallel {dp} needs {tp * dp}")
+        return GpuPlan(ids, tp, dp, source)
+    dp = data_parallel_size or profile.vllm.data_parallel_size
+    need = tp * dp
+    visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible:
+        ids = parse_device_ids(visible)
+        if len(ids) < need:
+            raise ValueError(f"$CUDA_VISIBLE_DEVICES names {len(ids)} GPU(s) ({visible}): tensor parallel {tp} x "
+                             f"data parallel {dp} needs {need}; name them with --gpus or ${profile.gpus_env}")
+        return GpuPlan(ids[:need], tp, dp, "$CUDA_VISIBLE_DEVICES")
+    return GpuPlan([str(i) for i in range(need)], tp, dp, source)
 
 
 # transformers serve decodes data URLs with torchvision.io, which the registry's CUDA-only

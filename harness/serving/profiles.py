@@ -27,6 +27,7 @@ from harness.paths import data_dir
 
 __all__ = [
     "API_KEY_ENV",
+    "PARALLEL_FLAGS",
     "SYSTEM_PROMPT_IDS",
     "TAXONOMIES",
     "TEXT_TAXONOMIES",
@@ -36,9 +37,12 @@ __all__ = [
     "ServerProfile",
     "VllmSettings",
     "find_profile",
+    "gpus_env_var",
     "list_profiles",
     "load_all_profiles",
     "load_profile",
+    "parallel_flag",
+    "parse_device_ids",
     "profiles_dir",
 ]
 
@@ -53,6 +57,19 @@ Variant = Annotated[int, Field(ge=0, le=4)]
 PositiveTokens = Annotated[int, Field(ge=1, le=4096)]
 
 API_KEY_ENV = "VLLM_API_KEY"
+
+
+PARALLEL_FLAGS: dict[str, str] = {
+    "--tensor-parallel-size": "--tensor-parallel-size", "-tp": "--tensor-parallel-size",
+    "--data-parallel-size": "--data-parallel-size", "-dp": "--data-parallel-size",
+}
+"""vLLM flags (and their short forms) that change how many GPUs a server takes: `harness serve` sets them
+from its own options so the GPU reservation follows."""
+
+
+def parallel_flag(arg: str) -> str | None:
+    """The long name of a GPU-count flag `arg` is (`-tp`, `--data-parallel-size=2`, ...), else None."""
+    return PARALLEL_FLAGS.get(str(arg).split("=", 1)[0])
 
 
 class ProfileError(ValueError):
@@ -74,7 +91,15 @@ class VllmSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     tensor_parallel_size: Annotated[int, Field(ge=1, le=16)] = 1
-    """GPUs per replica (`--tensor-parallel-size`); also the GPU count reserved in docker compose."""
+    """GPUs per replica (`--tensor-parallel-size`)."""
+    data_parallel_size: Annotated[int, Field(ge=1, le=64)] = 1
+    """Replicas (engines) of the model behind one server (`--data-parallel-size`, emitted when > 1).
+    A server takes tensor_parallel_size x data_parallel_size GPUs: the count `harness serve` and docker
+    compose reserve by default (explicit device ids; each can be changed per server, see servers/README.md)."""
+    mm_encoder_tp_mode: Literal["weights", "data"] | None = None
+    """`--mm-encoder-tp-mode` (VLMs, vLLM >= 0.10): "data" runs the vision encoder data-parallel
+    across the TP ranks (a full copy on each) instead of splitting its weights; vLLM's Qwen2.5-VL recipe
+    for TP > 1. None = vLLM's default ("weights")."""
     max_model_len: Annotated[int, Field(ge=256)]
     """Context length (`--max-model-len`): image tokens + prompt + answer must fit."""
     limit_mm_per_prompt: dict[str, Annotated[int, Field(ge=0)]] | None = None
@@ -104,6 +129,12 @@ class VllmSettings(BaseModel):
                 raise ValueError(
                     "extra_args must not carry --api-key: vLLM reads the key from the VLLM_API_KEY "
                     "environment variable, and profiles are committed files"
+                )
+            flag = parallel_flag(a)
+            if flag:
+                raise ValueError(
+                    f"extra_args must not carry {flag}: set tensor_parallel_size / data_parallel_size, "
+                    "which also decide the GPUs reserved"
                 )
         return self
 
@@ -171,6 +202,8 @@ class ServerProfile(BaseModel):
                 raise ValueError("an llm profile must not set limit_mm_per_prompt (vLLM rejects it for text models)")
             if v.mm_processor_kwargs is not None:
                 raise ValueError("an llm profile must not set mm_processor_kwargs")
+            if v.mm_encoder_tp_mode is not None:
+                raise ValueError("an llm profile has no vision encoder: leave mm_encoder_tp_mode unset")
             if p.image_prompt_variant:
                 raise ValueError("an llm profile has no image mode: leave image_prompt_variant empty")
             if p.text_max_tokens is not None or p.text_system_prompt is not None:
@@ -184,8 +217,18 @@ class ServerProfile(BaseModel):
 
     @property
     def gpus(self) -> int:
-        """GPUs one server of this profile needs."""
-        return self.vllm.tensor_parallel_size
+        """GPUs one server of this profile takes: tensor_parallel_size x data_parallel_size."""
+        return self.vllm.tensor_parallel_size * self.vllm.data_parallel_size
+
+    @property
+    def gpus_env(self) -> str:
+        """The environment variable that names this server's GPUs (comma-separated device ids), e.g.
+        VLLM_QWEN_72B_GPUS for service vllm-qwen-72b: read by docker compose and by `harness serve`."""
+        return gpus_env_var(self.compose_service)
+
+    def default_device_ids(self) -> list[str]:
+        """The device ids reserved when none are given: 0 .. gpus-1."""
+        return [str(i) for i in range(self.gpus)]
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -250,8 +293,13 @@ class ServerProfile(BaseModel):
         served_model_name: str | None = None,
         allowed_local_media_path: str | None = None,
         model_path: str | None = None,
+        tensor_parallel_size: int | None = None,
+        data_parallel_size: int | None = None,
     ) -> list[str]:
         """Arguments after `vllm serve`: the model first, then the flags.
+
+        `tensor_parallel_size` / `data_parallel_size` override the profile's (e.g. the DP that fits a
+        node); `--data-parallel-size` is emitted only when it is above 1.
 
         `api_key_env` adds `--api-key ${NAME}`, a reference to an environment variable for a shell or
         docker compose to expand; the key itself is never an argument here. Without it, vLLM still
@@ -259,6 +307,10 @@ class ServerProfile(BaseModel):
         `model_path` serves a local folder (e.g. a merged LoRA model) under the profile's names.
         """
         v = self.vllm
+        tp = v.tensor_parallel_size if tensor_parallel_size is None else int(tensor_parallel_size)
+        dp = v.data_parallel_size if data_parallel_size is None else int(data_parallel_size)
+        if tp < 1 or dp < 1:
+            raise ValueError(f"tensor and data parallel sizes must be >= 1, got {tp} and {dp}")
         if api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env):
             raise ValueError(f"api_key_env must be an environment variable name, got {api_key_env!r}")
         args: list[str] = [str(model_path) if model_path else self.hf_id]
@@ -267,7 +319,9 @@ class ServerProfile(BaseModel):
         if v.revision:
             args += ["--revision", v.revision]
         args += ["--dtype", v.dtype]
-        args += ["--tensor-parallel-size", str(v.tensor_parallel_size)]
+        args += ["--tensor-parallel-size", str(tp)]
+        if dp > 1:
+            args += ["--data-parallel-size", str(dp)]
         args += ["--max-model-len", str(v.max_model_len)]
         args += ["--gpu-memory-utilization", f"{v.gpu_memory_utilization:g}"]
         if v.max_num_seqs is not None:
@@ -276,6 +330,8 @@ class ServerProfile(BaseModel):
             args += ["--limit-mm-per-prompt", json.dumps(v.limit_mm_per_prompt, sort_keys=True)]
         if v.mm_processor_kwargs is not None:
             args += ["--mm-processor-kwargs", json.dumps(v.mm_processor_kwargs, sort_keys=True)]
+        if v.mm_encoder_tp_mode is not None:
+            args += ["--mm-encoder-tp-mode", v.mm_encoder_tp_mode]
         if v.trust_remote_code:
             args.append("--trust-remote-code")
         args += ["--generation-config", v.generation_config]
@@ -290,6 +346,26 @@ class ServerProfile(BaseModel):
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
+
+
+def gpus_env_var(compose_service: str) -> str:
+    """`vllm-qwen-72b` -> `VLLM_QWEN_72B_GPUS`: the per-server GPU list variable."""
+    return re.sub(r"[^A-Za-z0-9]", "_", compose_service).upper() + "_GPUS"
+
+
+def parse_device_ids(text: str) -> list[str]:
+    """Comma-separated GPU ids ("0,1,2,3", or UUIDs "GPU-..."), as CUDA_VISIBLE_DEVICES and docker
+    compose's device_ids take them; blanks are dropped, a repeated id or an empty list is an error."""
+    ids = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not ids:
+        raise ValueError(f"no GPU ids in {text!r}: expected a comma-separated list such as 0,1")
+    bad = [x for x in ids if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9:._-]*", x)]
+    if bad:
+        raise ValueError(f"invalid GPU id(s) {', '.join(map(repr, bad))} in {text!r}")
+    dup = sorted({x for x in ids if ids.count(x) > 1})
+    if dup:
+        raise ValueError(f"GPU id(s) {', '.join(dup)} listed twice in {text!r}")
+    return ids
 
 
 def profiles_dir() -> Path:

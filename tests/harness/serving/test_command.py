@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -202,3 +203,100 @@ def test_default_launcher_and_a_separate_vllm_python(monkeypatch):
     monkeypatch.delenv(command.VLLM_PYTHON_ENV)
     monkeypatch.setattr(command.shutil, "which", lambda name: None)
     assert command.default_launcher() == "python"
+
+
+# -- data parallel, the vision encoder's TP mode, the pixel cap, the GPUs a server takes ---------------
+
+
+def test_data_parallel_size_reaches_the_command_and_the_gpu_count():
+    prof = load_profile("qwen2.5-vl-7b")
+    assert prof.vllm.data_parallel_size == 1 and prof.gpus == 1
+    assert "--data-parallel-size" not in vllm_command(prof, port=1)  # DP 1: vLLM's default, not emitted
+    argv = vllm_command(prof, port=1, data_parallel_size=4)
+    assert _flag(argv, "--data-parallel-size") == "4" and _flag(argv, "--tensor-parallel-size") == "1"
+    argv = vllm_command(load_profile("qwen2.5-vl-72b"), port=1, tensor_parallel_size=2, data_parallel_size=2)
+    assert _flag(argv, "--tensor-parallel-size") == "2" and _flag(argv, "--data-parallel-size") == "2"
+    wide = prof.model_copy(update={"vllm": prof.vllm.model_copy(update={"tensor_parallel_size": 2,
+                                                                        "data_parallel_size": 3})})
+    assert wide.gpus == 6 and wide.default_device_ids() == ["0", "1", "2", "3", "4", "5"]
+    assert _flag(vllm_command(wide, port=1), "--data-parallel-size") == "3"
+    bare = vllm_command(model="/m", port=1, tensor_parallel_size=2, data_parallel_size=4)
+    assert _flag(bare, "--tensor-parallel-size") == "2" and _flag(bare, "--data-parallel-size") == "4"
+    with pytest.raises(ValueError, match=">= 1"):
+        prof.vllm_args(data_parallel_size=0)
+
+
+def test_a_data_parallel_size_in_a_profile_file(tmp_path):
+    src = (servers.profiles_dir() / "qwen2.5-vl-7b.toml").read_text(encoding="utf-8")
+    f = tmp_path / "qwen2.5-vl-7b.toml"
+    f.write_text(src.replace("data_parallel_size = 1", "data_parallel_size = 8"), encoding="utf-8")
+    prof = load_profile(f)
+    assert prof.gpus == 8 and _flag(prof.vllm_args(), "--data-parallel-size") == "8"
+    f.write_text(src.replace("data_parallel_size = 1", "data_parallel_size = 0"), encoding="utf-8")
+    with pytest.raises(ProfileError, match="vllm.data_parallel_size"):
+        load_profile(f)
+    for flag in ("-dp", "--data-parallel-size=2", "--tensor-parallel-size"):  # the GPU count has one home
+        f.write_text(src.replace('generation_config = "auto"', f'generation_config = "auto"\nextra_args = ["{flag}"]'),
+                     encoding="utf-8")
+        with pytest.raises(ProfileError, match="data_parallel_size"):
+            load_profile(f)
+
+
+def test_mm_encoder_tp_mode_data_for_the_large_qwen_models_only():
+    """vLLM 0.32: `--mm-encoder-tp-mode {data,weights}` (EngineArgs.mm_encoder_tp_mode)."""
+    for name in ("qwen2.5-vl-32b", "qwen2.5-vl-72b"):
+        prof = load_profile(name)
+        assert prof.vllm.tensor_parallel_size > 1
+        assert _flag(vllm_command(prof, port=1), "--mm-encoder-tp-mode") == "data"
+    for name in servers.list_profiles():
+        if name not in ("qwen2.5-vl-32b", "qwen2.5-vl-72b"):
+            assert "--mm-encoder-tp-mode" not in vllm_command(load_profile(name), port=1), name
+
+
+def test_mm_encoder_tp_mode_is_for_vlms(tmp_path):
+    src = (servers.profiles_dir() / "qwen2.5-7b-instruct.toml").read_text(encoding="utf-8")
+    f = tmp_path / "qwen2.5-7b-instruct.toml"
+    f.write_text(src.replace("data_parallel_size = 1", 'data_parallel_size = 1\nmm_encoder_tp_mode = "data"'),
+                 encoding="utf-8")
+    with pytest.raises(ProfileError, match="vision encoder"):
+        load_profile(f)
+
+
+def test_qwen_vl_pixel_cap_is_the_reference_1680_px_square():
+    """Qwen2.5-VL's `max_pixels` (vLLM 0.32 maps it to the processor's size.longest_edge, a pixel count):
+    1680 x 1680, i.e. at most 3600 image tokens of 28 x 28 px. 1680 is a multiple of 28, so an image the
+    client shrank to 1680 px on its longest side (the reference's rule) is not resized again."""
+    for name in ("qwen2.5-vl-7b", "qwen2.5-vl-32b", "qwen2.5-vl-72b"):
+        kw = json.loads(_flag(vllm_command(load_profile(name), port=1), "--mm-processor-kwargs"))
+        assert kw == {"max_pixels": 1680 * 1680}
+        assert kw["max_pixels"] // (28 * 28) == 3600 and 1680 % 28 == 0
+    for name in ("llava-onevision-7b", "internvl2.5-8b"):
+        args = vllm_command(load_profile(name), port=1)
+        assert "max_pixels" not in " ".join(args)
+
+
+def test_plan_gpus_explicit_ids_and_their_sources():
+    q7, q72 = load_profile("qwen2.5-vl-7b"), load_profile("qwen2.5-vl-72b")
+    assert q7.gpus_env == "VLLM_QWEN_GPUS" and q72.gpus_env == "VLLM_QWEN_72B_GPUS"
+    plan = command.plan_gpus(q72, environ={})
+    assert plan == command.GpuPlan(["0", "1", "2", "3"], 4, 1, "default")
+    assert plan.cuda_visible_devices == "0,1,2,3"
+    # ids given: DP = their count / TP
+    plan = command.plan_gpus(q7, gpus="4, 5,6,7", environ={})
+    assert (plan.device_ids, plan.tensor_parallel_size, plan.data_parallel_size, plan.source) == (
+        ["4", "5", "6", "7"], 1, 4, "--gpus")
+    # the per-server variable (as docker compose reads it), below --gpus
+    env = {"VLLM_QWEN_72B_GPUS": "4,5,6,7", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
+    assert command.plan_gpus(q72, environ=env) == command.GpuPlan(["4", "5", "6", "7"], 4, 1, "$VLLM_QWEN_72B_GPUS")
+    assert command.plan_gpus(q72, gpus="0,1,2,3", environ=env).source == "--gpus"
+    # an inherited CUDA_VISIBLE_DEVICES (SLURM): its first TP x DP ids
+    assert command.plan_gpus(q7, environ={"CUDA_VISIBLE_DEVICES": "3,2"}) == command.GpuPlan(
+        ["3"], 1, 1, "$CUDA_VISIBLE_DEVICES")
+    assert command.plan_gpus(q7, data_parallel_size=2, environ={"CUDA_VISIBLE_DEVICES": "3,2"}).device_ids == ["3", "2"]
+    assert command.plan_gpus(q72, tensor_parallel_size=2, gpus="0,1,2,3", environ={}).data_parallel_size == 2
+    for kw, msg in (({"gpus": "0,1,2"}, "multiple of 4"), ({"gpus": "0,1,2,3", "data_parallel_size": 2}, "needs 8"),
+                    ({"gpus": "0,0,1,2"}, "listed twice"), ({"gpus": " , "}, "no GPU ids"),
+                    ({"environ": {"CUDA_VISIBLE_DEVICES": "0,1"}}, "needs 4")):
+        kw.setdefault("environ", {})
+        with pytest.raises(ValueError, match=msg):
+            command.plan_gpus(q72, **kw)

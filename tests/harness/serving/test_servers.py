@@ -274,18 +274,28 @@ def test_compose_services_match_profiles():
         assert svc["image"] == "vllm/vllm-openai:${VLLM_IMAGE_TAG:-" + compose.DEFAULT_VLLM_IMAGE_TAG + "}"
         assert svc["ports"] == [f"127.0.0.1:{p.port}:8000"]
         assert svc["ipc"] == "host"
+        ids = "${" + p.gpus_env + ":-" + ",".join(str(i) for i in range(p.gpus)) + "}"
         assert svc["deploy"]["resources"]["reservations"]["devices"] == [
-            {"driver": "nvidia", "count": p.vllm.tensor_parallel_size, "capabilities": ["gpu"]}]
+            {"driver": "nvidia", "device_ids": [ids], "capabilities": ["gpu"]}]  # explicit ids, never `count`
+        assert svc["profiles"] == [p.name]  # a bare `docker compose up` starts nothing
+        assert svc["restart"] == compose.RESTART_POLICY
+        assert svc["entrypoint"][:2] == ["/bin/sh", "-c"] and "exec vllm serve" in svc["entrypoint"][2]
         hc = svc["healthcheck"]
         assert hc["test"] == ["CMD", "curl", "-f", "http://localhost:8000/health"]
         assert hc["start_period"] in ("30m", "60m")
         assert "${HARNESS_IMAGE_ROOT:-./images}:/data/images:ro" in svc["volumes"]
         assert "hf-cache:/root/.cache/huggingface" in svc["volumes"]
         assert "HF_TOKEN" in svc["environment"]
-        assert any(e.startswith("VLLM_API_KEY=${VLLM_API_KEY:?") for e in svc["environment"])
+        # passed through, never required at interpolation time: `config`/`ps`/`logs`/`down` work without it
+        assert "VLLM_API_KEY" in svc["environment"] and not any(":?" in e for e in svc["environment"])
+        assert f"HARNESS_GPUS={ids}" in svc["environment"]
+        assert f"HARNESS_TENSOR_PARALLEL_SIZE={p.vllm.tensor_parallel_size}" in svc["environment"]
         cmd = svc["command"]
-        assert cmd[0] == p.hf_id  # the image's entrypoint is `vllm serve`
-        assert cmd == p.vllm_args(host="0.0.0.0", port=8000, allowed_local_media_path="/data/images")
+        assert cmd[0] == p.hf_id  # the entrypoint ends in `exec vllm serve "$@"`
+        # the data-parallel size is added in the container from the number of GPU ids
+        assert cmd == p.vllm_args(host="0.0.0.0", port=8000, allowed_local_media_path="/data/images",
+                                  data_parallel_size=1)
+        assert "--data-parallel-size" not in cmd
         assert _flag(cmd, "--allowed-local-media-path") == "/data/images"
 
 
@@ -414,3 +424,38 @@ def test_serve_list_and_write_compose(capsys, tmp_path):
     target = tmp_path / "compose.yml"
     assert _serve(["--write-compose", str(target)]) == 0
     assert target.read_text(encoding="utf-8") == render_compose()
+
+
+def test_serve_reserves_explicit_gpus(monkeypatch, capsys):
+    """`harness serve` hands vLLM exactly TP x DP GPUs by id (CUDA_VISIBLE_DEVICES), from --gpus, the
+    per-server variable docker compose also reads, an inherited CUDA_VISIBLE_DEVICES, or 0..N-1."""
+    calls = []
+    monkeypatch.setattr(serve_cli, "vllm_available", lambda: True)
+    monkeypatch.setattr(command.shutil, "which", lambda name: "/usr/bin/vllm")
+    monkeypatch.setattr(command, "_vllm_dist", lambda: True)
+    monkeypatch.setattr(serve_cli.os, "execvpe", lambda file, argv, env: calls.append((argv, env)))
+    for var in ("CUDA_VISIBLE_DEVICES", "VLLM_QWEN_GPUS", "VLLM_QWEN_72B_GPUS"):
+        monkeypatch.delenv(var, raising=False)
+    assert _serve(["qwen2.5-vl-7b", "--gpus", "4,5,6,7"]) == 0
+    argv, env = calls[-1]
+    assert env["CUDA_VISIBLE_DEVICES"] == "4,5,6,7" and _flag(argv, "--data-parallel-size") == "4"
+    assert "CUDA_VISIBLE_DEVICES=4,5,6,7 (tensor parallel 1 x data parallel 4; from --gpus)" in capsys.readouterr().err
+    assert _serve(["qwen2.5-vl-72b"]) == 0
+    argv, env = calls[-1]
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3" and "--data-parallel-size" not in argv
+    monkeypatch.setenv("VLLM_QWEN_72B_GPUS", "4,5,6,7")
+    assert _serve(["qwen2.5-vl-72b", "-tp", "2"]) == 0
+    argv, env = calls[-1]
+    assert env["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
+    assert _flag(argv, "--tensor-parallel-size") == "2" and _flag(argv, "--data-parallel-size") == "2"
+    # dry run: the command on stdout, the GPUs on stderr
+    assert _serve(["qwen2.5-vl-7b", "--dry-run", "--gpus", "1", "-dp", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("vllm serve ") and "# GPUs: CUDA_VISIBLE_DEVICES=1 " in err
+    # a count that does not fit, and parallel flags after `--`, are refused before anything starts
+    n = len(calls)
+    assert _serve(["qwen2.5-vl-72b", "--gpus", "0,1"]) == 2
+    assert "multiple of 4" in capsys.readouterr().err
+    assert _serve(["qwen2.5-vl-7b", "--", "--data-parallel-size", "2"]) == 2
+    assert "before `--`" in capsys.readouterr().err
+    assert len(calls) == n
