@@ -39,6 +39,7 @@ __all__ = [
     "Plan",
     "PlanError",
     "PlanSpec",
+    "SlurmSection",
     "Vars",
     "load_plan",
     "parse_assignments",
@@ -142,6 +143,65 @@ class Axis(BaseModel):
     values: Annotated[list[int | float | str], Field(min_length=1)]
 
 
+def _minutes(v: Any) -> Any:
+    """SLURM time: minutes (int), or "MM", "HH:MM:SS", "D-HH:MM:SS", "D-HH"."""
+    if not isinstance(v, str):
+        return v
+    s = v.strip()
+    days = 0
+    if "-" in s:
+        d, s = s.split("-", 1)
+        days = int(d)
+        parts = [int(x) for x in s.split(":")] + [0, 0]
+        h, m, sec = parts[:3]
+    else:
+        parts = [int(x) for x in s.split(":")]
+        if len(parts) == 1:
+            return parts[0]
+        h, m, sec = ([0] + parts)[-3:] if len(parts) == 2 else parts[:3]
+        if len(parts) == 2:  # MM:SS
+            h, m, sec = 0, parts[0], parts[1]
+    return days * 1440 + h * 60 + m + (1 if sec else 0)
+
+
+class SlurmSection(BaseModel):
+    """`[slurm]`: how `harness plan run --executor slurm` submits (every field has a flag that overrides it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    partition: str | None = None
+    """`--partition`."""
+    account: str | None = None
+    """`--account`."""
+    time: Annotated[int, Field(ge=1)] = 24 * 60
+    """Time limit of one job in minutes (or "HH:MM:SS", "D-HH:MM:SS"); a job that reaches it is
+    requeued and resumes (submitit's checkpoint signal, 90 s before the limit)."""
+    gpus_per_node: Annotated[int, Field(ge=0)] | None = None
+    """GPUs of a node: with `whole_node` a job asks for them all; otherwise the cap on a model's TP x DP."""
+    whole_node: bool = False
+    """One node per job (`--exclusive`, all its GPUs): the server runs as many data-parallel replicas as fit."""
+    cpus_per_task: Annotated[int, Field(ge=1)] | None = None
+    mem_gb: Annotated[float, Field(gt=0)] | None = None
+    cells_per_job: Annotated[int, Field(ge=1)] | None = None
+    """At most this many cells per job (default: all of a model's cells in one job, one server start)."""
+    max_requeues: Annotated[int, Field(ge=0)] = 10
+    """Time-outs after which a job is not requeued again (preemptions do not count)."""
+    sbatch: dict[str, str | int | bool] = Field(default_factory=dict)
+    """Further sbatch options without the dashes, e.g. {qos = "high", constraint = "h100"}."""
+    setup: list[str] = Field(default_factory=list)
+    """Shell lines run before the job's Python (e.g. "module load cuda", "source /env/bin/activate")."""
+    hf_offline: bool = True
+    """Jobs run with HF_HUB_OFFLINE=1 (weights come from HF_HOME: `harness plan prefetch` on a login node)."""
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time(cls, v: Any) -> Any:
+        try:
+            return _minutes(v)
+        except ValueError:
+            raise ValueError(f"time {v!r}: minutes, or HH:MM:SS, or D-HH:MM:SS") from None
+
+
 class PlanSpec(BaseModel):
     """A plan file (TOML). Axis fields take one value or a list."""
 
@@ -173,6 +233,8 @@ class PlanSpec(BaseModel):
     args: list[str] = Field(default_factory=list)
     """Arguments added to every cell."""
     axes: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")], Axis] = Field(default_factory=dict)
+    slurm: SlurmSection = Field(default_factory=SlurmSection)
+    """`[slurm]`: partition, time, GPUs, account, sbatch options of `--executor slurm` (harness.study.slurm)."""
 
     @field_validator("modes", "variants", "answers", "choices", "protocol", "image_root_map", mode="before")
     @classmethod
