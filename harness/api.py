@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +23,8 @@ def run(spec: RunSpec | dict, *, dry_run: bool = False, progress: bool = False) 
     outcome: `.summary` (the metrics), `.exit_code`, `.status`, `.message`. Running it again resumes."""
     if not isinstance(spec, RunSpec):
         spec = RunSpec.model_validate(spec)
-    return execute(spec, dry_run=dry_run, progress=progress)
+    on_line = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
+    return execute(spec, dry_run=dry_run, progress=progress, on_line=on_line)
 
 
 def report(paths: Sequence[str | Path] | str | Path, score_from: int | None = None) -> list[dict]:

@@ -29,7 +29,10 @@ from harness.backends.http import Client, FatalError, RetryPolicy, endpoint_conc
 from harness.data.items import ItemError
 from harness.engine.core import Engine, Unit
 from harness.engine.progress import Progress
-from harness.runs.folder import ExitCode, FolderLock, RunFolder, RunLocked, now
+from harness.runs.experiments import experiment_for
+from harness.runs.folder import ExitCode, FolderLock, RunFolder, RunLocked, command_line, now
+from harness.runs.preflight import Preflight, preflight
+from harness.runs.report import completeness
 from harness.runs.spec import ClipBackend, EndpointBackend, HierarchyTask, RunSpec, parse_shard
 
 
@@ -44,17 +47,6 @@ class RunResult:
     stats: dict = field(default_factory=dict)
     message: str | None = None  # why the run stopped, when it did
     lines: list[str] = field(default_factory=list)  # what the run reported, for a console
-
-
-def experiment_for(spec: RunSpec, model: str):
-    """The experiment of a spec (its settings resolved for the served model)."""
-    if isinstance(spec.task, HierarchyTask):
-        from harness.runs.hierarchy import HierarchyExperiment
-
-        return HierarchyExperiment(spec, model)
-    from harness.runs.classification import ClassificationExperiment
-
-    return ClassificationExperiment(spec, model)
 
 
 def item_key(unit: Unit) -> str:
@@ -158,33 +150,77 @@ def _remove_signals(loop: asyncio.AbstractEventLoop, installed: list[tuple[int, 
             signal.signal(sig, prev)  # what the caller had (asyncio would leave the default)
 
 
+def _preflight(spec: RunSpec, model: str, done: set[str]) -> Preflight | None:
+    """Count the work left and sample the images on a separate experiment (a seeded stream is not
+    consumed); None for kinds whose questions need the server first (log-likelihood tries)."""
+    exp = experiment_for(spec, model)
+    if getattr(exp, "kind", None) == "loglik":
+        return None
+    units = exp.units(done)
+    if spec.shard is not None:
+        units = shard_units(units, parse_shard(spec.shard))
+    return preflight(exp, done, units=units, root_map=spec.image_root_map, data=spec.data,
+                     media=spec.media if spec.backend.kind == "openai" else "pixels")
+
+
+def _dry_run(spec: RunSpec, folder: RunFolder) -> RunResult:
+    """What a run would do, with no server, model or connection: counts, cost, one rendered request."""
+    from harness.runs.show import sample_request
+
+    model = spec.model or "(the served model)"
+    exp = experiment_for(spec, model)
+    done = folder.done(repair=False)  # another process may be writing: read only
+    lines: list[str] = []
+    code = ExitCode.OK
+    try:
+        pf = _preflight(spec, model, done)
+        if pf is not None:
+            lines += pf.lines
+    except ValueError as e:
+        lines.append(f"error: {e}")
+        code = ExitCode.INPUT
+    lines += exp.dry_run(done)
+    lines += sample_request(exp, done, spec)
+    lines += [f"invalid input: {e}" for e in exp.report.errors[:20]]
+    return RunResult(folder.path, "dry-run", ExitCode.INPUT if exp.report.errors else code, lines=lines)
+
+
 async def _execute(spec: RunSpec, endpoints: list[str], *, dry_run: bool, progress: bool,
-                   on_engine: Callable[[Engine], Any] | None, lock: FolderLock | None = None) -> RunResult:
+                   on_engine: Callable[[Engine], Any] | None, lock: FolderLock | None = None,
+                   on_line: Callable[[str], Any] | None = None) -> RunResult:
     folder = RunFolder(spec.out, spec.shard)
+    if dry_run:
+        if endpoints and not spec.model and isinstance(spec.backend, EndpointBackend):
+            async with _backend(spec, endpoints) as b:  # the served model's name (GET /v1/models, no question)
+                spec = spec.model_copy(update={"model": await resolve_model(b, None)})
+        return _dry_run(spec, folder)
     backend = _backend(spec, endpoints)
     if isinstance(spec.backend, EndpointBackend) and isinstance(spec.task, HierarchyTask) \
             and spec.task.answer == "choice" and any("api.openai.com" in e for e in endpoints):
         raise FatalError("`--answer choice` needs vLLM's structured_outputs, which the OpenAI API does not have; "
                          "use `--answer logprobs` (top_logprobs) or `--answer generate`")
     async with backend:
-        model = spec.model if dry_run and spec.model else await resolve_model(backend, spec.model)
+        model = await resolve_model(backend, spec.model)
         exp = experiment_for(spec, model)
         if hasattr(exp, "prepare"):
             await exp.prepare(backend)
-        if dry_run:
-            done = folder.done(repair=False)  # another process may be writing: read only
-            return RunResult(folder.path, "dry-run", ExitCode.INPUT if exp.report.errors else ExitCode.OK,
-                             lines=exp.dry_run(done) + [f"invalid input: {e}" for e in exp.report.errors[:20]])
         folder.prepare()
+        # preflight, before anything is recorded: a forgotten --image-root-map stops here (exit 2)
+        pf = _preflight(spec, model, folder.done(spec.retry_errors, repair=False))
         started = now()
         recorded = _redacted(spec.model_copy(update={"model": model}))  # the served model, not a guess
-        extra = {"endpoints": [redact_url(e) for e in endpoints], "command": sys.argv[:1] + ["run", "..."]}
+        extra = {"endpoints": [redact_url(e) for e in endpoints], "command": command_line()}
         if isinstance(spec.backend, EndpointBackend):
             extra["api_key_env"] = spec.backend.api_key_env  # the name of the variable, never its value
         # the settings check against run.json (every shard's) and the first manifest, as one step
         folder.claim(kind=exp.kind, settings=exp.settings, force=spec.force, spec=recorded, status="running",
                      started=started, **extra)
         done = folder.done(spec.retry_errors)  # every results file of the folder: all shards
+        if on_line is not None and pf is not None:
+            for line in pf.lines:
+                on_line(line)
+            left = f"{pf.to_ask:,} question(s) to ask" + (f" for {pf.items:,} items" if pf.items else "")
+            on_line(f"{len(done):,} already done, {left}" if done else left.capitalize())
         b = spec.backend
         cache = None
         if spec.cache:
@@ -234,7 +270,8 @@ async def _execute(spec: RunSpec, endpoints: list[str], *, dry_run: bool, progre
         installed = _install_signals(loop, on_signal)
         try:
             with store:
-                async with Progress(engine.stats, progress):
+                async with Progress(engine.stats, progress, total=pf.to_ask if pf else None,
+                                    done_before=len(done)):
                     try:
                         run_task = asyncio.ensure_future(engine.run(units))
                         stats = await run_task
@@ -250,18 +287,27 @@ async def _execute(spec: RunSpec, endpoints: list[str], *, dry_run: bool, progre
             _remove_signals(loop, installed)
             if cache is not None:
                 cache.close()
-        # summary.json: every shard's answers as one run (computed under the folder's manifest lock)
-        summary = folder.write_summary(lambda: exp.summarize(folder.path) if folder.results_files() else {})
-        own = summary
-        if folder.shard is not None:  # this shard's exit status: its own failures, not the other shards'
-            own = exp.summarize(folder.results) if folder.results.exists() else {}
+        # this writer's status: its own failures and what it left (a shard: not the other shards')
+        own = exp.summarize(folder.results if folder.shard is not None else folder.path) \
+            if folder.results.exists() else {}
         unanswered = exp.unanswered(own)
+        left = max(0, pf.to_ask - stats.answered - stats.failed) if pf is not None else None
         status = ("fatal" if stats.fatal else "unavailable" if stats.unavailable else "interrupted" if interrupted
-                  else "stopped" if stats.stopped else "incomplete" if unanswered else "done")
+                  else "stopped" if stats.stopped else "incomplete" if unanswered or left else "done")
         if hasattr(backend, "stats"):
             extra["backend"] = backend.stats()  # CLIP: encoder calls, images and texts encoded
         folder.write_manifest(kind=exp.kind, spec=recorded, settings=exp.settings, status=status,
                               started=started, stats=stats.to_json(), **extra)
+
+        def whole() -> dict:  # summary.json: every shard's answers as one run (under the manifest lock)
+            s = {"kind": exp.kind} | (exp.summarize(folder.path) if folder.results_files() else {})
+            if folder.shard is None:  # a run that ended done asked everything (also when not counted)
+                return completeness(s, status, 0 if status == "done" else left)
+            from harness.runs.report import _status
+
+            return completeness(s, *_status(folder.path))
+
+        summary = folder.write_summary(whole)
         lines = _lines(stats, exp, summary, folder)
         if lock is not None:
             lines[:0] = [x for x in (lock.note, lock.stale_line()) if x]
@@ -314,7 +360,8 @@ def _remove_if_unused(path: Path) -> None:
 
 
 def execute(spec: RunSpec, *, dry_run: bool = False, progress: bool = False, quiet_server: bool = False,
-            on_engine: Callable[[Engine], Any] | None = None) -> RunResult:
+            on_engine: Callable[[Engine], Any] | None = None, on_line: Callable[[str], Any] | None = None
+            ) -> RunResult:
     """Run a spec to the end (or until stopped); resumable. Invalid input raises ValueError /
     FileNotFoundError naming the field or file; backend failures come back as a FATAL result."""
     _check_inputs(spec)
@@ -344,8 +391,8 @@ def execute(spec: RunSpec, *, dry_run: bool = False, progress: bool = False, qui
             if not endpoints:
                 if not spec.model:
                     raise ValueError("give --endpoint URL, or --model PATH_OR_HUB_ID to start a local server")
-                if dry_run:
-                    raise ValueError("--dry-run needs --endpoint (a dry run starts no server)")
+                if dry_run:  # a dry run starts nothing: no server, no model
+                    return runner(_execute(spec, [], dry_run=True, progress=False, on_engine=None))
                 from harness.serving.launcher import ServerStartError, local_server
 
                 try:
@@ -361,6 +408,6 @@ def execute(spec: RunSpec, *, dry_run: bool = False, progress: bool = False, qui
                 spec = spec.model_copy(update=update)
         try:
             return runner(_execute(spec, endpoints, dry_run=dry_run, progress=progress, on_engine=on_engine,
-                                   lock=lock))
+                                   lock=lock, on_line=on_line))
         except FatalError as e:
             return RunResult(Path(spec.out), "fatal", ExitCode.FATAL, message=str(e))

@@ -92,7 +92,7 @@ _LOCK_NAME = re.compile(r"\.lock(?:\.shard-(\d+)-of-(\d+))?")
 _STATUS_ORDER = ("running", "killed", "pending", "fatal", "unavailable", "interrupted", "stopped", "incomplete", "done")
 
 
-def _command() -> list[str]:
+def command_line() -> list[str]:
     """This process's command line, credentials cut out of URLs (user:pass@host)."""
     from harness.backends.http import redact_url
 
@@ -165,7 +165,7 @@ class FolderLock:
                     info = orjson.loads(old)
                     self.stale = info if isinstance(info, dict) else {}
             self._check_layouts()
-            me = {"pid": os.getpid(), "host": socket.gethostname(), "started": now(), "command": _command(),
+            me = {"pid": os.getpid(), "host": socket.gethostname(), "started": now(), "command": command_line(),
                   "shard": None if self.shard is None else f"{self.shard[0]}/{self.shard[1]}"}
             os.ftruncate(fd, 0)
             os.pwrite(fd, orjson.dumps(me), 0)
@@ -349,8 +349,12 @@ class RunFolder:
             "python": platform.python_version(),
             **extra,
         }
+        target = self.manifest_path if self.shard is None else self.shard_manifest_path
+        before, total = _cumulative(_read_info(target) if target.is_file() else {}, stats)
+        m["stats_before"] = before  # totals of the earlier invocations (a resumed run adds up)
         if stats is not None:
-            m["stats"] = stats
+            m["stats"] = stats  # this invocation
+        m["stats_total"] = total
         if self.shard is None:
             self._write(self.manifest_path, m)
             return
@@ -392,6 +396,27 @@ class RunFolder:
         tmp.write_bytes(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY
                                      | orjson.OPT_NON_STR_KEYS))
         os.replace(tmp, path)
+
+
+_NOT_SUMMED = {"started", "fatal", "stopped", "unavailable"}
+
+
+def _cumulative(prev: dict, stats: dict | None) -> tuple[dict, dict]:
+    """(totals before this invocation, totals including it) from the manifest on disk: while this
+    invocation runs, its own "running" manifest carries the totals it started from."""
+    if prev.get("status") == "running" and "stats_before" in prev:
+        before = prev["stats_before"]
+    else:
+        before = prev.get("stats_total") or ({**prev["stats"], "invocations": 1} if prev.get("stats") else {})
+    if stats is None:
+        return before, before
+    total = dict(before)
+    for k, v in stats.items():
+        if k in _NOT_SUMMED or isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        total[k] = total.get(k, 0) + v
+    total["invocations"] = before.get("invocations", 0) + 1
+    return before, total
 
 
 def _whole_status(shards: dict[str, dict], n: int) -> str:

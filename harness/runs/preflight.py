@@ -33,13 +33,13 @@ def _hint(missing: list[str], root_map: list[str]) -> str:
     return f"the images are not under {common}{mapped}: map their folder with --image-root-map OLD=NEW"
 
 
-def preflight(exp, done: set[str], *, sample: int = 20, root_map: list[str] = (), data: str | None = None,
-              media: str = "base64") -> Preflight:
+def preflight(exp, done: set[str], *, units=None, sample: int = 20, root_map: list[str] = (),
+              data: str | None = None, media: str = "base64") -> Preflight:
     """Count the work left and check a sample of images. Raises ValueError (one line naming the flag
     and what to add) when none of the first `sample` images exists."""
     pf = Preflight()
     checked = 0
-    for unit in exp.units(done):
+    for unit in exp.units(done) if units is None else units:
         if unit.groups:
             pf.items += 1
         pf.to_ask += len(unit.groups)
@@ -51,7 +51,7 @@ def preflight(exp, done: set[str], *, sample: int = 20, root_map: list[str] = ()
             if checked == sample and len(pf.images_missing) == sample:
                 break  # nothing to run: say so now, do not count a million questions first
     pf.images_checked = checked
-    if checked and len(pf.images_missing) == checked and media in ("base64", "file"):
+    if checked and len(pf.images_missing) == checked:
         raise ValueError(f"--data {data}: none of the first {checked} images exists (looked for "
                          f"{pf.images_missing[0]}); {_hint(pf.images_missing, list(root_map))}")
     if pf.images_missing:

@@ -11,6 +11,7 @@ import orjson
 
 from harness.backends.images import ImagePayload, image_uuid
 from harness.metrics.readers import iter_records
+from harness.runs.experiments import experiment_for
 from harness.runs.folder import RunFolder
 from harness.runs.spec import RunSpec
 
@@ -32,8 +33,6 @@ def show(run: str | Path, qid: str) -> dict:
     """{qid, image, requests: [{path, body}], answer} of one question of a run folder.
 
     Raises ValueError naming the folder or the qid when they cannot be found."""
-    from harness.runs.execute import experiment_for
-
     folder = RunFolder(run)
     manifest = folder.read_manifest()
     if manifest is None or "spec" not in manifest:
@@ -62,3 +61,21 @@ def show(run: str | Path, qid: str) -> dict:
                         answer = rec  # the last line of a qid wins (--retry-errors appends)
             return {"qid": qid, "image": unit.image, "requests": requests, "answer": answer}
     raise ValueError(f"{folder.path}: no question {qid!r} in this run (see the qids in results.jsonl)")
+
+
+def sample_request(exp, done: set[str], spec: RunSpec, limit: int = 4000) -> list[str]:
+    """Lines showing the first request the run would send (image as a reference), for a dry run."""
+    for unit in exp.units(done):
+        for group in unit.groups:
+            image = None
+            if unit.image is not None:
+                if spec.backend.kind != "openai":
+                    return [f"first request: {group.qid}: image {unit.image} scored against its options"]
+                image = _placeholder(unit.image, spec.max_side)
+            try:
+                path, body = exp.task.request(group, 0, image)
+            except Exception as e:  # noqa: BLE001 - a kind that needs its server first (log-likelihood tries)
+                return [f"first request: {group.qid}: built at run time ({type(e).__name__})"]
+            text = orjson.dumps(_decoded(body), option=orjson.OPT_INDENT_2).decode()
+            return [f"first request ({group.qid}): POST {path}", text[:limit] + ("\n..." if len(text) > limit else "")]
+    return ["nothing left to ask"]

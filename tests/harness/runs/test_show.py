@@ -60,6 +60,6 @@ def test_show_names_what_is_missing(tmp_path, capsys):
     assert rc == 2 and "no run.json" in err
     with StubThread(Stub()) as s:
         harness.run(harness.RunSpec(out=str(tmp_path / "r"), data=str(CUB_SIMILAR), limit=1,
-                                    backend={"endpoints": [s.url]}))
+                                    backend={"endpoints": [s.url]}, task={"mode": "text"}))
     rc, _, err = run_cli(capsys, "show", tmp_path / "r", "nope")
     assert rc == 2 and "no question 'nope' in this run" in err
