@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from harness.data.taxonomy import TAXONOMIES
 from harness.runs.execute import RunResult, execute
@@ -143,4 +144,9 @@ def cmd_run(args) -> int:
         from harness.cli.spec_errors import validated
 
         spec = validated(spec_from_args, args)
-    return print_result(execute(spec, dry_run=args.dry_run, progress=not args.quiet, quiet_server=args.quiet))
+    return print_result(execute(spec, dry_run=args.dry_run, progress=not args.quiet, quiet_server=args.quiet,
+                                on_line=None if args.quiet else _stderr))
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
