@@ -7,7 +7,9 @@ from pathlib import Path
 
 import orjson
 
-from harness.metrics.report import render_table, rows, to_csv, to_markdown
+from harness.metrics.hierarchy import Summary
+from harness.metrics.report import render_table, to_csv, to_markdown
+from harness.runs.report import summarize_path as summarize_any
 
 
 def add_cli(sub) -> None:
@@ -35,6 +37,27 @@ def add_cli(sub) -> None:
 def _name(p: str) -> str:
     q = Path(p)
     return str(q.parent if q.name == "results.jsonl" else q).rstrip("/") or str(q)
+
+
+def incomplete_note(name: str, s: dict) -> str | None:
+    """One warning line for a run whose numbers are not (yet) a result."""
+    answered = (s.get("n_questions") or 0) - (s.get("n_unanswered") or 0)
+    if s.get("n_questions") and answered <= 0:
+        return f"warning: {name}: no question was answered; its numbers are not a result"
+    if s.get("complete"):
+        return None
+    parts = [f"status {s['status']}" if s.get("status") else "no run.json: cannot tell whether it is finished"]
+    if s.get("n_not_asked"):
+        parts.append(f"{s['n_not_asked']:,} question(s) not asked yet")
+    if s.get("n_failed"):
+        parts.append(f"{s['n_failed']:,} failed")
+    return f"warning: {name} is incomplete ({', '.join(parts)}): its numbers may change"
+
+
+def _as_summary(d: dict) -> Summary:
+    """The table's view of a summary dict (the fields Summary has)."""
+    fields = Summary.__dataclass_fields__
+    return Summary(**{k: tuple(v) if k.endswith("_ci") else v for k, v in d.items() if k in fields})
 
 
 def _classification(path: str) -> dict | None:
@@ -66,8 +89,9 @@ def cmd_report(args) -> int:
     cls = {p: s for p in args.paths if (s := _classification(p)) is not None}
     _wikiqa_stream(args.paths, cls)
     hier = [p for p in args.paths if p not in cls]
-    results = rows(hier, args.score_from) if hier else []
-    by_path = dict(zip(hier, results))
+    # one summary a run, with whether it is complete (an empty or garbage file is refused here)
+    hier_json = {p: summarize_any(p, args.score_from) for p in hier}
+    results = [(_name(p), _as_summary(hier_json[p])) for p in hier]
     if args.reference_format:
         if len(args.paths) != 1 or not hier:
             print("harness report: --reference-format takes one hierarchy run folder or results file",
@@ -90,13 +114,15 @@ def cmd_report(args) -> int:
         folders = [str(Path(p).parent) if Path(p).is_file() else p for p in args.paths]
         print(f"harness report: wrote {write_html(folders, args.html)}", file=sys.stderr)
     if args.json:
-        objs = [cls[p] | {"run": _name(p)} if p in cls else by_path[p][1].to_json() | {"run": by_path[p][0]}
-                for p in args.paths]
+        objs = [cls[p] | {"run": _name(p)} if p in cls else hier_json[p] | {"run": _name(p)} for p in args.paths]
         sys.stdout.write(orjson.dumps(objs[0] if len(objs) == 1 else objs, option=orjson.OPT_INDENT_2
                                       | orjson.OPT_SERIALIZE_NUMPY).decode() + "\n")
     else:
         if results:
             render_table(results)
+            for p in hier:
+                if (warn := incomplete_note(_name(p), hier_json[p])) is not None:
+                    print(warn, file=sys.stderr)
         if cls:
             from harness.runs.classification import summary_lines
 

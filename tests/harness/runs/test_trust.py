@@ -1,0 +1,101 @@
+"""The first hour of a new user, as tests: each trap gives one line naming the flag or file, a distinct
+exit code, and loses nothing; reports never show a partial run as a result."""
+
+from __future__ import annotations
+
+import sys
+
+import orjson
+import pytest
+
+import harness
+from harness.runs.folder import ExitCode
+from tests.support.engine_helpers import CUB_SIMILAR, image_items, run_cli
+from tests.support.stub_server import Stub, StubThread
+
+
+def _run(capsys, url, *argv):
+    return run_cli(capsys, "run", "--endpoint", url, "--model", "stub-model", *argv)
+
+
+def test_forgotten_image_root_map_stops_before_anything(tmp_path, capsys):
+    stub = Stub()
+    with StubThread(stub) as s:
+        rc, out, err = _run(capsys, s.url, "--data", CUB_SIMILAR, "--out", tmp_path / "o", "--limit", "50")
+    assert rc == ExitCode.INPUT and stub.requests == 0
+    assert "add --image-root-map /projectnb/ivc-ml/yuwentan/dataset=" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # nothing left behind
+
+
+@pytest.mark.parametrize("make, flag, message", [
+    (lambda p: p.mkdir(), "--data", "not a file"),
+    (lambda p: None, "--data", "no such file"),
+])
+def test_bad_data_paths_name_the_flag(tmp_path, capsys, make, flag, message):
+    bad = tmp_path / "d"
+    make(bad)
+    rc, _, err = run_cli(capsys, "run", "--endpoint", "http://127.0.0.1:9", "--data", bad, "--out", tmp_path / "o")
+    assert rc == ExitCode.INPUT and f"{flag} {bad}: {message}" in err and "Traceback" not in err
+
+
+def test_out_that_is_a_file_names_the_flag(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    rc, _, err = run_cli(capsys, "run", "--endpoint", "http://127.0.0.1:9", "--data", CUB_SIMILAR, "--out",
+                         tmp_path / "f")
+    assert rc == ExitCode.INPUT and f"--out {tmp_path / 'f'}: exists and is not a folder" in err
+
+
+def test_resume_says_what_is_done_and_what_is_left_and_stats_add_up(tmp_path, capsys):
+    with StubThread(Stub()) as s:
+        args = ("--data", CUB_SIMILAR, "--out", tmp_path / "o", "--mode", "text")
+        rc, _, err = _run(capsys, s.url, *args, "--limit", "4")
+        assert rc == 0 and "12 question(s) to ask for 4 items" in err
+        rc, _, err = _run(capsys, s.url, *args, "--limit", "6")
+        assert rc == 0 and "16 already done, 6 question(s) to ask for 2 items" in err
+    m = orjson.loads((tmp_path / "o" / "run.json").read_bytes())
+    assert m["stats"]["answered"] == 6 and m["stats_total"]["answered"] == 18
+    assert m["stats_total"]["invocations"] == 2
+    assert m["command"] == sys.argv  # the real command line (here: pytest's), not a placeholder
+
+
+def test_dry_run_starts_nothing_and_shows_a_request(tmp_path, capsys):
+    data = image_items(tmp_path, 3)
+    rc, out, err = run_cli(capsys, "run", "--model", "/no/such/local/model", "--data", data, "--out",
+                           tmp_path / "o", "--dry-run")
+    assert rc == 0, err
+    assert "12 questions to ask" in out and "first request (" in out and "POST /chat/completions" in out
+    assert f"<image {tmp_path / 'img' / '0000.png'}>" in out
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_says_a_partial_run_is_incomplete(tmp_path, capsys):
+    with StubThread(Stub()) as s:
+        spec = harness.RunSpec(out=str(tmp_path / "o"), data=str(CUB_SIMILAR), backend={"endpoints": [s.url]},
+                               task={"mode": "text"}, limit=10)
+        assert harness.run(spec).exit_code == 0
+        full = harness.report([tmp_path / "o"])[0]
+        assert full["complete"] is True and full["n_not_asked"] == 0 and full["n_failed"] == 0
+        # a run cut short: a larger limit recorded, half of it answered (as if killed mid-way)
+        m = orjson.loads((tmp_path / "o" / "run.json").read_bytes())
+        m["status"], m["spec"]["limit"] = "interrupted", 20
+        (tmp_path / "o" / "run.json").write_bytes(orjson.dumps(m))
+    part = harness.report([tmp_path / "o"])[0]
+    assert part["complete"] is False and part["n_not_asked"] == 30 and part["status"] == "interrupted"
+    rc, out, _ = run_cli(capsys, "report", tmp_path / "o", "--json")
+    assert rc == 0 and orjson.loads(out)["complete"] is False
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\xff garbage \x13\n\x01\x02\n"])
+def test_report_refuses_an_empty_or_garbage_file(tmp_path, capsys, content):
+    (tmp_path / "results.jsonl").write_bytes(content)
+    rc, _, err = run_cli(capsys, "report", tmp_path / "results.jsonl", "--json")
+    assert rc == ExitCode.INPUT and "no result lines" in err
+
+
+def test_report_table_warns_about_incomplete_and_unanswered_runs(tmp_path, capsys):
+    with StubThread(Stub(faults={"500": 1.0}, fault_attempts=99)) as s:
+        spec = harness.RunSpec(out=str(tmp_path / "o"), data=str(CUB_SIMILAR), task={"mode": "text"}, limit=3,
+                               backend={"endpoints": [s.url], "max_retries": 0})
+        assert harness.run(spec).exit_code == ExitCode.UNANSWERED
+    rc, _, err = run_cli(capsys, "report", tmp_path / "o")
+    assert rc == 0 and "no question was answered; its numbers are not a result" in err
