@@ -220,7 +220,10 @@ async def _execute(spec: RunSpec, endpoints: list[str], *, dry_run: bool, progre
             for line in pf.lines:
                 on_line(line)
             left = f"{pf.to_ask:,} question(s) to ask" + (f" for {pf.items:,} items" if pf.items else "")
-            on_line(f"{len(done):,} already done, {left}" if done else left.capitalize())
+            if done and not pf.to_ask:
+                on_line(f"all {len(done):,} questions already done: nothing to ask (--retry-errors asks failed ones)")
+            else:
+                on_line(f"{len(done):,} already done, {left}" if done else left[0].upper() + left[1:])
         b = spec.backend
         cache = None
         if spec.cache:
