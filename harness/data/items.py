@@ -18,8 +18,6 @@ import orjson
 from harness.data.taxonomy import ROOT_NAMES
 
 MAX_CHOICES = 26  # letters A..Z
-_LEVEL_KEY = re.compile(r"^level(\d+)$")
-_CHOICES_KEY = re.compile(r"^choices_level(\d+)$")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -108,11 +106,12 @@ def parse_record(rec: object, file: str | Path, line: int, root_map: list[tuple[
             raise ItemError(file, line, key, "must be a non-empty string")
     truths: dict[int, object] = {}
     choices: dict[int, object] = {}
-    for k, v in rec.items():
-        if m := _LEVEL_KEY.match(k):
-            truths[int(m.group(1))] = v
-        elif m := _CHOICES_KEY.match(k):
-            choices[int(m.group(1))] = v
+    for k, v in rec.items():  # levelN / choices_levelN (string tests: a regex a key cost a third of the read)
+        if k.startswith("level"):
+            if (d := k[5:]).isdigit():
+                truths[int(d)] = v
+        elif k.startswith("choices_level") and (d := k[13:]).isdigit():
+            choices[int(d)] = v
     if not truths and not choices:
         raise ItemError(file, line, "level1", "no levelN / choices_levelN fields")
     for n in sorted(set(truths) | set(choices)):
@@ -133,7 +132,8 @@ def parse_record(rec: object, file: str | Path, line: int, root_map: list[tuple[
         if not isinstance(c, list) or not all(isinstance(x, str) for x in c):
             raise ItemError(file, line, fname, "must be a list of strings")
         cs = tuple(c)
-        if len({x.lower() for x in cs}) != len(cs):
+        lowered = {x.lower() for x in cs}
+        if len(lowered) != len(cs):
             dup = next(x for x in cs if sum(y.lower() == x.lower() for y in cs) > 1)
             raise ItemError(file, line, fname, f"duplicate choice {dup!r}")
         if len(cs) > MAX_CHOICES:
@@ -141,7 +141,7 @@ def parse_record(rec: object, file: str | Path, line: int, root_map: list[tuple[
         root = _is_root(n, t, cs)
         if len(cs) < 2 and not root:
             raise ItemError(file, line, fname, f"{len(cs)} choice(s); at least 2 needed")
-        if t is not None and t.lower() not in {x.lower() for x in cs}:
+        if t is not None and t.lower() not in lowered:
             raise ItemError(file, line, fname, f"truth {t!r} (level{n}) is not among the choices {list(cs)}")
         levels.append(Level(n, t, cs, root))
     image = rec["image"]

@@ -47,12 +47,12 @@ class Progress:
             self._last_n, self._last_change = n, now
         dt = max(1e-6, now - s.started)
         rate = n / dt
-        done = self.done_before + n + s.auto
+        done = self.done_before + n  # auto-filled lines are not questions to ask (not in total)
         parts = []
         if self.total:
             total = self.done_before + self.total
             parts.append(f"{done:,}/{total:,} ({100 * done / max(total, 1):.1f}%)")
-            left = self.total - n - s.auto
+            left = self.total - n
             if rate > 0 and left > 0:
                 parts.append(f"ETA {_duration(left / rate)}")
         else:
