@@ -18,10 +18,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
+MAX_PIXELS = 100_000_000  # above this an image is refused unless --max-side resizes it (PIL warns at 89M)
 _MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
 
 
@@ -81,13 +83,27 @@ def encode_image(path: str, *, media: str = "base64", max_side: int | None = Non
     from PIL import Image
 
     raw = Path(path).read_bytes()
-    with Image.open(io.BytesIO(raw)) as im:  # header only until pixels are needed
+    try:
+        with warnings.catch_warnings():  # the pixel limit is checked below, with a message naming the file
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im_ctx = Image.open(io.BytesIO(raw))  # header only until pixels are needed
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: {e.args[0].split(',')[0]}: too large to decode") from None
+    except (OSError, ValueError) as e:  # PIL's message names a BytesIO, not the file
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__}"
+                         + ("" if "BytesIO" in str(e) else f": {e}") + ")") from None
+    with im_ctx as im:
         w, h = im.size
+        if w * h > MAX_PIXELS and not (max_side and max(w, h) > max_side):
+            raise ValueError(f"{path}: {w}x{h} = {w * h / 1e6:.0f} Mpixels, over the {MAX_PIXELS / 1e6:.0f} "
+                             "Mpixel limit; send it resized with --max-side (e.g. 1680)")
         fmt = im.format or "JPEG"
         if max_side and max(w, h) > max_side:
             rule = resize_rule(max_side)
             nw, nh = resized_size(w, h, int(max_side), rule)
-            im = im.convert("RGB").resize((nw, nh), Image.LANCZOS)
+            with warnings.catch_warnings():  # the size was checked above: resizing is what was asked
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = im.convert("RGB").resize((nw, nh), Image.LANCZOS)
             buf = io.BytesIO()
             fmt = "PNG" if rule == "reference" else "JPEG"
             im.save(buf, format=fmt, **({} if fmt == "PNG" else {"quality": 95}))

@@ -99,3 +99,25 @@ def test_report_table_warns_about_incomplete_and_unanswered_runs(tmp_path, capsy
         assert harness.run(spec).exit_code == ExitCode.UNANSWERED
     rc, _, err = run_cli(capsys, "report", tmp_path / "o")
     assert rc == 0 and "no question was answered; its numbers are not a result" in err
+
+
+def test_image_errors_name_the_file_and_huge_images_need_max_side(tmp_path):
+    from PIL import Image
+
+    from harness.backends.images import encode_image
+
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'bad.jpg'}: not a readable image"):
+        encode_image(str(tmp_path / "bad.jpg"))
+    old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        Image.new("RGB", (11000, 11000), (1, 2, 3)).save(tmp_path / "big.png")
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+    with pytest.raises(ValueError, match="121 Mpixels, over the 100 Mpixel limit; send it resized with --max-side"):
+        encode_image(str(tmp_path / "big.png"))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no raw PIL warning reaches the user
+        assert encode_image(str(tmp_path / "big.png"), max_side=1680).size == (1680, 1680)
