@@ -55,7 +55,7 @@ def _style_args(p: argparse.ArgumentParser, *, max_tokens: bool = True) -> None:
     g.add_argument("--text-first", action="store_true", help="text before the image (the reference's API order)")
     if max_tokens:
         g.add_argument("--max-tokens", type=int)
-        g.add_argument("--temperature", type=float, default=0.0)
+        g.add_argument("--temperature", type=float, default=None)
 
 
 def _field_help(p: argparse.ArgumentParser, task) -> None:
@@ -91,6 +91,7 @@ def add_cli(sub) -> None:
     g.add_argument("--protocol", choices=["reference", "robust"], default="robust",
                    help="reference: the seed-1234 global candidate stream; robust: per-item hashed candidates")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--preset", choices=["reference-api"], default=None)
     _style_args(r)
     _transport(r)
     _field_help(r, ClassifyTask)
@@ -108,6 +109,7 @@ def add_cli(sub) -> None:
                    help="trie: one prefix-cached request per node of the class-token trie (vLLM logprob_token_ids); "
                         "prompt-logprobs: one prompt_logprobs request per class (vLLM then skips the prefix cache)")
     g.add_argument("--group-workers", type=int, default=2, help="images in flight (each fans out over the classes)")
+    g.add_argument("--protocol", choices=["reference", "robust"], default="robust")
     _style_args(ll, max_tokens=False)
     _transport(ll)
     _field_help(ll, LoglikTask)
@@ -118,6 +120,8 @@ def add_cli(sub) -> None:
     w.add_argument("--cot", action="store_true", help="append \"Let's think step by step.\"")
     w.add_argument("--control", choices=["none", "classname", "noimage"], default="none",
                    help="classname: 'this object' -> the class name, text only; noimage: the question without the image")
+    w.add_argument("--protocol", choices=["reference", "robust"], default="robust")
+    w.add_argument("--preset", choices=["reference-api"], default=None)
     _style_args(w)
     _transport(w)
     _field_help(w, WikiQATask)
@@ -188,17 +192,18 @@ def _run(args, task: dict) -> int:
 def cmd_run(args) -> int:
     return _run(args, {"kind": "classify", **_data_fields(args), "task": args.task, "k": args.k,
                        "order": args.order, "wording": args.wording, "cot": args.cot, "protocol": args.protocol,
-                       "seed": args.seed})
+                       "seed": args.seed, "preset": args.preset})
 
 
 def cmd_loglik(args) -> int:
     return _run(args, {"kind": "loglik", **_data_fields(args), "question": args.question, "prefix": args.prefix,
                        "prior": args.prior, "seed": args.seed, "method": args.method,
-                       "group_workers": args.group_workers})
+                       "group_workers": args.group_workers, "protocol": args.protocol})
 
 
 def cmd_wikiqa(args) -> int:
-    return _run(args, {"kind": "wikiqa", "cot": args.cot, "control": args.control})
+    return _run(args, {"kind": "wikiqa", "cot": args.cot, "control": args.control, "protocol": args.protocol,
+                       "preset": args.preset})
 
 
 # ---------------------------------------------------------------- scoring commands

@@ -147,3 +147,18 @@ def test_analyze_tabulates_classification_runs_beside_hierarchy_runs(data, tmp_p
     assert main(["analyze", str(tmp_path / "runs"), "--out", str(tmp_path / "an"), "--draws", "50"]) == 0
     assert "## Classification runs" in (tmp_path / "an" / "report.md").read_text()
     assert (tmp_path / "an" / "classification.csv").read_text().count("\n") == 2
+
+
+def test_reference_api_preset_and_protocol_flags_reach_the_spec(data, tmp_path):
+    """`--preset reference-api` on the command line sends no temperature nor max_tokens (the CLI's own
+    defaults must not override the preset); `--protocol` reaches loglik and wikiqa runs."""
+    stub = FirstCandidate()
+    stub.keep_bodies = True
+    with StubThread(stub) as st:
+        assert main(["classify", "run", "--data", str(data / "items.jsonl"), "--classes", str(data / "classes.json"),
+                     "--task", "closed", "--k", "3", "--image-root-map", f"./data={data / 'img'}", "--limit", "2",
+                     "--preset", "reference-api", "--endpoint", st.url, "--api-key-env", KEY_ENV, "--quiet",
+                     "--out", str(tmp_path / "p")]) == 0
+    assert stub.bodies and all("temperature" not in b and "max_tokens" not in b for b in stub.bodies)
+    m = json.loads((tmp_path / "p" / "run.json").read_text())
+    assert m["spec"]["task"]["preset"] == "reference-api"
