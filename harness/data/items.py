@@ -21,7 +21,7 @@ MAX_CHOICES = 26  # letters A..Z
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built four times an item on the hot path (frozen costs ~6x)
 class Level:
     """One level of an item: its number N (from `levelN`), truth and options in file order."""
 
@@ -31,7 +31,7 @@ class Level:
     root: bool = False  # the taxonomy root (one value for the whole taxonomy): asked, never scored
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Item:
     """One image with its leaf label and every level's truth and choices."""
 

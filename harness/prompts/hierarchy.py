@@ -159,7 +159,7 @@ def taxonomy_context(taxonomy: str) -> str:
     return str(json.loads(tax.source.read_text(encoding="utf-8")))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs ~0.8 us more to build, per question
 class Question:
     """One request of a run (or an auto-filled level that is not asked)."""
 
