@@ -16,7 +16,7 @@ import json
 import random
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -176,10 +176,14 @@ class Question:
     auto: str | None = None  # text mode leaf: prediction filled with the label, not asked
     option: int | None = None  # binary mode: index (letter order) of the option in the statement
     context: str | None = None  # user text before the image (taxonomy in context in the user turn)
+    _choices: dict[str, str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def choices(self) -> dict[str, str]:
-        return dict(zip(LETTERS, self.options))
+        """Letter -> option (built once: the parser and the result line both read it)."""
+        if self._choices is None:
+            self._choices = dict(zip(LETTERS, self.options))
+        return self._choices
 
 
 def make_qid(item_id: str, level: int, mode: str, variant: int | str, answer: str, option: int | None = None) -> str:

@@ -49,6 +49,10 @@ def parse_robust(raw: str, options: dict[str, str]) -> str | None:
     s = raw.strip()
     if not s:
         return None
+    if len(s) == 1 and s in options:  # the common answer, a bare letter: only an option *named* like a
+        low = s.lower()               # letter could make it ambiguous (the full rules below agree)
+        if not any(_norm(t) == low for L, t in options.items() if L != s):
+            return s
     found: set[str] = set()
     m = _LEADING.match(s)
     if m and m.group(1) in options:
