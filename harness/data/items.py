@@ -114,11 +114,12 @@ def parse_record(rec: object, file: str | Path, line: int, root_map: list[tuple[
             choices[int(d)] = v
     if not truths and not choices:
         raise ItemError(file, line, "level1", "no levelN / choices_levelN fields")
-    for n in sorted(set(truths) | set(choices)):
-        if n not in truths:
-            raise ItemError(file, line, f"level{n}", f"missing field (choices_level{n} is present)")
-        if n not in choices:
-            raise ItemError(file, line, f"choices_level{n}", f"missing field (level{n} is present)")
+    if truths.keys() != choices.keys():
+        for n in sorted(set(truths) | set(choices)):
+            if n not in truths:
+                raise ItemError(file, line, f"level{n}", f"missing field (choices_level{n} is present)")
+            if n not in choices:
+                raise ItemError(file, line, f"choices_level{n}", f"missing field (level{n} is present)")
     numbers = sorted(truths)  # numeric order (the reference sometimes sorts lexicographically)
     if numbers != list(range(1, len(numbers) + 1)):
         missing = sorted(set(range(1, numbers[-1] + 1)) - set(numbers))
@@ -126,13 +127,16 @@ def parse_record(rec: object, file: str | Path, line: int, root_map: list[tuple[
     levels = []
     for n in numbers:
         t, c = truths[n], choices[n]
-        fname = f"choices_level{n}"
+        fname = "choices_level" + str(n)
         if t is not None and not isinstance(t, str):
             raise ItemError(file, line, f"level{n}", f"must be a string or null, got {type(t).__name__}")
-        if not isinstance(c, list) or not all(isinstance(x, str) for x in c):
+        if type(c) is not list:
             raise ItemError(file, line, fname, "must be a list of strings")
+        try:  # decoded JSON: only strings have .lower()
+            lowered = {x.lower() for x in c}
+        except (AttributeError, TypeError):
+            raise ItemError(file, line, fname, "must be a list of strings") from None
         cs = tuple(c)
-        lowered = {x.lower() for x in cs}
         if len(lowered) != len(cs):
             dup = next(x for x in cs if sum(y.lower() == x.lower() for y in cs) > 1)
             raise ItemError(file, line, fname, f"duplicate choice {dup!r}")

@@ -250,10 +250,13 @@ class Engine:
             self._inflight[key] = fut
         try:
             empty_retry = self._retry_empty is not None
-            attempt = partial(self._attempt, group, i, path, body, head, akey)
             while True:
                 t0 = time.monotonic()
-                ans = await with_retries(attempt, self.retry, self._count_retry, self._stop)
+                try:
+                    ans = await self._attempt(group, i, path, body, head, akey)
+                except RetryableError as e:  # the one retry loop takes over from this first failure
+                    ans = await with_retries(partial(self._attempt, group, i, path, body, head, akey), self.retry,
+                                             self._count_retry, self._stop, failed=e)
                 if empty_retry and self._retry_empty(group, ans):  # type: ignore[misc]
                     empty_retry = False  # one more try for an empty completion, then keep it
                     self.stats.retried += 1

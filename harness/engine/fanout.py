@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from harness.backends.http import RetryableError, RetryPolicy
-from harness.backends.images import ImagePayload, encode_image
 
 T = TypeVar("T")
 Job = Any
@@ -56,38 +55,34 @@ async def fan_out(produce: Callable[[Callable[[Job], Awaitable[None]]], Awaitabl
 
 async def with_retries(attempt: Callable[[], Awaitable[T]], policy: RetryPolicy,
                        on_retry: Callable[[RetryableError], None] | None = None,
-                       stop: asyncio.Event | None = None) -> T:
+                       stop: asyncio.Event | None = None, failed: RetryableError | None = None) -> T:
     """`attempt()` again after each RetryableError (backoff with full jitter, Retry-After honoured),
-    at most `policy.max_retries` times; then the last error propagates. When `stop` is set (the run
-    stops) a waiting retry raises :class:`Stopped` at once instead of being sent."""
+    at most `policy.max_retries` times; then the last error propagates. `failed`: the error of a first
+    try the caller made itself (so a success, the common case, costs no extra coroutine). When `stop`
+    is set (the run stops) a waiting retry raises :class:`Stopped` at once instead of being sent."""
     n = 0
+    error = failed
     while True:
-        try:
-            return await attempt()
-        except RetryableError as e:
-            if n >= policy.max_retries:
-                raise
-            if on_retry is not None:
-                on_retry(e)
-            delay = policy.delay(n, e.retry_after)
-            if stop is None:
-                await asyncio.sleep(delay)
-            else:
-                if stop.is_set():
-                    raise Stopped from None
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                except TimeoutError:
-                    pass
-                if stop.is_set():
-                    raise Stopped from None
-            n += 1
-
-
-def encode_or_error(path: str, media: str, max_side: int | None) -> ImagePayload | Exception:
-    """Encode an image in a worker thread; a failure is returned (recorded for the questions of that
-    image) rather than raised, so the run goes on."""
-    try:
-        return encode_image(path, media=media, max_side=max_side)
-    except Exception as e:  # noqa: BLE001
-        return e
+        if error is None:
+            try:
+                return await attempt()
+            except RetryableError as e:
+                error = e
+        if n >= policy.max_retries:
+            raise error
+        if on_retry is not None:
+            on_retry(error)
+        delay = policy.delay(n, error.retry_after)
+        error = None
+        if stop is None:
+            await asyncio.sleep(delay)
+        else:
+            if stop.is_set():
+                raise Stopped from None
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except TimeoutError:
+                pass
+            if stop.is_set():
+                raise Stopped from None
+        n += 1

@@ -199,7 +199,7 @@ def hashed_order(options: tuple[str, ...], item_id: str, level: int, seed: int) 
 
 
 def format_options(options: tuple[str, ...]) -> str:
-    return "\n".join(f"{L}. {o}" for L, o in zip(LETTERS, options))
+    return "\n".join([f"{L}. {o}" for L, o in zip(LETTERS, options)])
 
 
 class Renderer:
@@ -239,20 +239,22 @@ class Renderer:
 
     def render(self, item: Item) -> list[Question]:
         cfg = self.cfg
+        mode, ask_none, text_leaf = cfg.mode, cfg.ask_none, cfg.mode == "text" and not cfg.ask_leaf
+        order = self._rng is not None or cfg.option_order == "hashed"
         out: list[Question] = []
         last = len(item.levels) - 1
-        label = item.label.lower() if cfg.mode == "text" and cfg.label_case == "lower" else item.label
+        label = item.label.lower() if mode == "text" and cfg.label_case == "lower" else item.label
         for t, lv in enumerate(item.levels):
-            if lv.truth is None and not cfg.ask_none:  # asks nothing and consumes no reference shuffle
+            if lv.truth is None and not ask_none:  # asks nothing and consumes no reference shuffle
                 continue
-            options = self._order(item, lv.n, lv.choices)
-            qid = make_qid(item.id, lv.n, cfg.mode, self.variant_key, self.answer)
+            options = self._order(item, lv.n, lv.choices) if order else lv.choices
+            qid = make_qid(item.id, lv.n, mode, self.variant_key, self.answer)
             scored = not lv.root
-            if cfg.mode == "text" and t == last and not cfg.ask_leaf:
+            if text_leaf and t == last:
                 out.append(Question(qid, item.id, lv.n, t, options, lv.truth, None, "", None, scored,
                                     auto=label))
                 continue
-            if cfg.mode == "binary":
+            if mode == "binary":
                 cat = catalogue()["binary"]
                 for k, opt in enumerate(options):
                     text = cat["statement"].format(subject=self.info.subject, rank=self._rank(t), option=opt) \
@@ -263,7 +265,7 @@ class Renderer:
                 continue
             prompt = self._template.format(rank=self._rank(t), label=label)  # type: ignore[union-attr]
             text = self._qprefix + prompt + "\n" + format_options(options) + self._suffix
-            image = item.image if cfg.mode == "image" else None
+            image = item.image if mode == "image" else None
             out.append(Question(qid, item.id, lv.n, t, options, lv.truth, self._system, text, image, scored,
                                 context=self._context))
         return out

@@ -75,7 +75,7 @@ class ResultStore:
         self._f = self.path.open("ab")
 
     def append(self, rec: dict) -> None:
-        self._buf.append(orjson.dumps(rec) + b"\n")
+        self._buf.append(orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE))
         if len(self._buf) >= self.flush_every or time.monotonic() - self._last >= self.flush_seconds:
             self.flush()
 

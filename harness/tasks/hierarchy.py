@@ -177,10 +177,12 @@ class ChatTask:
         return out
 
     def record(self, group: Group, answers: list[dict]) -> dict:
-        ans = dict(answers[0])  # the memo, cache and in-flight waiters share the original
-        letter = ans.pop("letter")
-        raw = ans.pop("raw")
-        return record(group.data, letter=letter, raw=raw, error=None, **ans)
+        ans = answers[0]  # shared with the memo, cache and in-flight waiters: read, never changed
+        rec = record(group.data, letter=ans["letter"], raw=ans["raw"], error=None)
+        for k, v in ans.items():
+            if k != "letter" and k != "raw":
+                rec[k] = v
+        return rec
 
     def error_record(self, group: Group, error: str) -> dict:
         return record(group.data, letter=None, raw=None, error=error)
