@@ -173,7 +173,7 @@ class Engine:
         self._key = getattr(task, "cache_key", None) if (dedupe or cache is not None) else None
         self._retry_empty = getattr(task, "retry_empty", None)
         self._est = getattr(task, "est_tokens", None)
-        self._inflight: dict[str, asyncio.Future] = {}
+        self._inflight: dict[str, asyncio.Future | None] = {}  # key -> the waiters' future, if any
         # Bounded LRU of recent answers for dedupe: identical requests sit close together in a file
         # (CUB text mode: at most 116 questions apart), so 64k entries lose no hit while memory stays
         # flat at a million questions; the answer cache covers reuse beyond that.
@@ -243,11 +243,13 @@ class Engine:
             if self.cache is not None and (hit := self.cache.get(key)) is not None:
                 self.stats.cached += 1
                 return _cached(hit)
-            if key in self._inflight:
+            if key in self._inflight:  # the same request is being asked now: wait for its answer
+                fut = self._inflight[key]
+                if fut is None:  # the first waiter makes the future (most requests never have one)
+                    fut = self._inflight[key] = asyncio.get_running_loop().create_future()
                 self.stats.cached += 1
-                return _cached(await asyncio.shield(self._inflight[key]))
-            fut = asyncio.get_running_loop().create_future()
-            self._inflight[key] = fut
+                return _cached(await asyncio.shield(fut))
+            self._inflight[key] = None
         try:
             empty_retry = self._retry_empty is not None
             while True:
@@ -271,16 +273,14 @@ class Engine:
                         self._memo.popitem(last=False)
                 if self.cache is not None:
                     self.cache.put(key, ans)
-                fut.set_result(ans)
+                if (fut := self._inflight.pop(key, None)) is not None:
+                    fut.set_result(ans)
             return ans
         except BaseException as e:
-            if key is not None and not fut.done():
+            if key is not None and (fut := self._inflight.pop(key, None)) is not None and not fut.done():
                 fut.set_exception(e)
                 fut.exception()  # mark retrieved
             raise
-        finally:
-            if key is not None:
-                self._inflight.pop(key, None)
 
     # ------------------------------------------------------------------ one group
     async def answer(self, group: Group, image: Any, akey: int | None = None) -> list[Any]:
