@@ -408,3 +408,51 @@ def test_image_dry_run_counts_image_tokens(tmp_path, capsys, monkeypatch):
     assert rc == 0, err
     m = re.search(r"images ([\d,]+)\)", out)
     assert m and int(m.group(1).replace(",", "")) == 20 * (85 + 170 * 4), out
+
+
+def test_identical_requests_in_flight_are_asked_once(tmp_path):
+    """Text-mode dedupe: questions with the same request body asked at the same time share one request
+    (the second waits for the first's answer), and a failure reaches every waiter."""
+    import asyncio
+
+    from harness.engine.core import Engine, Group, Unit
+
+    class Slow:
+        def __init__(self, fail: bool):
+            self.sent, self.fail = 0, fail
+
+        async def send(self, path, body, key=None):
+            self.sent += 1
+            await asyncio.sleep(0.05)
+            if self.fail:
+                from harness.backends.http import FatalError
+
+                raise FatalError("boom")
+            return {"answer": body}
+
+    class Echo:
+        def request(self, group, i, image):
+            return "/x", group.data
+
+        def cache_key(self, group, i, image, body):
+            return body
+
+        def interpret(self, group, i, resp, head):
+            return {"raw": resp["answer"]}
+
+        def record(self, group, answers):
+            return {"qid": group.qid, **answers[0]}
+
+        def error_record(self, group, error):
+            return {"qid": group.qid, "error": error}
+
+    for fail in (False, True):
+        backend, lines = Slow(fail), []
+        eng = Engine(backend, Echo(), lines.append, concurrency=8, dedupe=True)
+        units = [Unit(None, [Group(f"q{k}", 1, "same" if k < 5 else f"other{k}")]) for k in range(7)]
+        stats = asyncio.run(eng.run(units))
+        if not fail:
+            assert backend.sent == 3 and stats.cached == 4 and len(lines) == 7
+            assert sum(1 for x in lines if x.get("cached")) == 4
+        else:
+            assert stats.fatal == "boom" and backend.sent >= 1 and not lines
