@@ -39,29 +39,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
 
-SPECIALS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
-# ChatML; an image part (`image` or `image_url`) renders Qwen's placeholder where it stands.
-TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' or part['type'] == 'image_url' -%}"
-    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{- '<|im_end|>\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
-)
+# Qwen's special tokens and a ChatML template whose image part renders Qwen's placeholder: the same as
+# the test suite's tiny Qwen2-VL (one definition).
+from tests.support.tiny_models import QWEN_SPECIALS as SPECIALS  # noqa: E402
+from tests.support.tiny_models import QWEN_TEMPLATE as TEMPLATE  # noqa: E402
 
 TEXT_7B = {
     "vocab_size": 152064,

@@ -339,10 +339,12 @@ def _lines(stats, exp, summary: dict, folder: RunFolder) -> list[str]:
     s = stats.to_json()
     dt = s["seconds"]
     n = stats.answered + stats.failed
-    out = [f"{n:,} questions in {dt:,.1f} s ({n / max(dt, 1e-9):,.0f}/s): {stats.answered:,} answered, "
-           f"{stats.failed:,} failed, {stats.cached:,} from cache/dedupe, {stats.retried:,} retries, "
-           f"{stats.images_encoded:,} images encoded for {stats.items:,} items"
-           + (f", ${stats.cost:,.4f}" if stats.cost else "")]
+    out = []
+    if n or stats.groups:  # a resumed run with nothing left has said so already
+        out.append(f"{n:,} questions in {dt:,.1f} s ({n / max(dt, 1e-9):,.0f}/s): {stats.answered:,} answered, "
+                   f"{stats.failed:,} failed, {stats.cached:,} from cache/dedupe, {stats.retried:,} retries, "
+                   f"{stats.images_encoded:,} images encoded for {stats.items:,} items"
+                   + (f", ${stats.cost:,.4f}" if stats.cost else ""))
     out += [f"invalid input, skipped: {e}" for e in exp.report.errors[:20]]
     head = exp.headline(summary)
     if head:
