@@ -105,8 +105,8 @@ class RetryPolicy:
 def redact_url(url: str) -> str:
     """Drop credentials from a URL (user:pass@host) before it reaches a log or manifest."""
     p = urlsplit(url)
-    # FIX: was rebuilt from p.hostname, which drops the brackets of an IPv6 host ([::1] -> ::1:8000)
-    # and lower-cases it; everything after the last "@" of the netloc is the host[:port] as given.
+    # the host[:port] as given (everything after the last "@"): p.hostname would drop an IPv6 host's
+    # brackets ([::1] -> ::1:8000) and lower-case it
     host = p.netloc.rpartition("@")[2]
     frag = p.fragment if _DP.fullmatch(p.fragment) else ""  # #dp=N is routing, kept; anything else dropped
     return urlunsplit((p.scheme, host, p.path, "", frag))
@@ -188,10 +188,8 @@ class Endpoint:
     data-parallel rank headers."""
 
     def __init__(self, url: str, concurrency: int | None = None):
-        # FIX: credentials in the URL (http://user:pass@host/v1) made every request fail with aiohttp's
-        # "Cannot combine AUTHORIZATION header with ... credentials encoded in URL" whenever an API
-        # key was set (exit 2 before any question). The base URL now carries no credentials; they
-        # become this endpoint's Basic auth header, used only when no API key (Bearer) is given.
+        # credentials in the URL (http://user:pass@host/v1) become this endpoint's Basic auth header,
+        # used only when no API key (Bearer) is given: aiohttp refuses a request carrying both
         p = urlsplit(url)
         self.headers: dict[str, str] = {}
         self.password = unquote(p.password) if p.password else None
@@ -286,8 +284,8 @@ class Client:
             return None
         if key is not None:
             return max(usable, key=lambda e: _mix(key ^ e.salt))
-        # FIX: ties went to the first endpoint, so at low concurrency (or with fast replies) the other
-        # --endpoint values got nothing; the least-loaded one still wins, ties rotate.
+        # the least loaded wins and ties rotate: otherwise, at low concurrency (or with fast replies)
+        # the first endpoint would take everything
         self._rr = (self._rr + 1) % n
         return min((usable[(self._rr + i) % n] for i in range(n)), key=lambda e: e.in_flight)
 
@@ -491,7 +489,7 @@ class Client:
                 self._set_state(ep, OPEN)
                 continue
             if st in (401, 403):
-                # FIX: said only "check --api-key-env"; name the variable (never the key)
+                # name the variable holding the key (never the key)
                 raise FatalError(f"{ep.display}: authentication failed (HTTP {st}). {self.key_hint()}")
             if st != 200:
                 continue  # some APIs do not list models; requests will tell

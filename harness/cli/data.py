@@ -12,14 +12,12 @@ def _cmd_stats(args) -> int:
 
     s = stats(args.file, strict=args.strict)
     if args.json:
-        # FIX: `depths` and per-level `options` are keyed by int, which orjson refuses without
-        # OPT_NON_STR_KEYS: `harness data stats --json` crashed with "Dict key must be str".
+        # `depths` and per-level `options` are keyed by int: orjson needs OPT_NON_STR_KEYS for them
         sys.stdout.write(orjson.dumps(s, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode() + "\n")
     else:
         print_stats(s)
-    # FIX: was `skipped_lines and args.strict`, which never holds (strict mode raises at the first bad
-    # line), so a file with invalid lines exited 0. Contract: invalid input -> non-zero exit; the
-    # skipped lines (file:line: field: reason) are printed above.
+    # invalid input -> non-zero exit (strict mode raised at the first bad line already); the skipped
+    # lines (file:line: field: reason) are printed above
     return 1 if s["skipped_lines"] else 0
 
 
@@ -30,7 +28,7 @@ def _cmd_taxonomy(args) -> int:
 
     con = Console()
     names = list(args.taxonomy)
-    if names[:1] == ["check"]:  # FIX: taxonomies/README.md documents `harness taxonomy check --all`
+    if names[:1] == ["check"]:  # taxonomies/README.md documents `harness taxonomy check --all`
         names = names[1:]
     names = list(TAXONOMIES) if args.all or not names else names
     for name in names:

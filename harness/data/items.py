@@ -227,8 +227,7 @@ def read_items(
     Otherwise bad lines are skipped and recorded in `report`.
     Duplicate ids (the same image twice) get a `#k` suffix so question ids stay unique.
     """
-    # FIX: (old, new) pairs were used in the given order, so the longest prefix did not win for
-    # callers passing pairs; sort them as parse_root_map does.
+    # (old, new) pairs from a caller are sorted as parse_root_map sorts them: the longest prefix wins
     rm = sorted(root_map, key=lambda p: -len(p[0])) \
         if (isinstance(root_map, list) and root_map and isinstance(root_map[0], tuple)) \
         else parse_root_map(root_map)  # type: ignore[arg-type]

@@ -132,9 +132,8 @@ def summarize(paths: Iterable[tuple[Sequence[int], Sequence[str], Sequence[str |
             sums[k] += getattr(sc, k)
         sums["lraw"] += sc.leaf_right_ancestor_wrong
         sums["arlw"] += sc.ancestors_right_leaf_wrong
-        # FIX: count every truth position. zip(levels, truth, pred) stopped at the shorter
-        # prediction list, so a level with no prediction (reference files) left the denominator
-        # and inflated per-level accuracy; the reference counts it wrong.
+        # every truth position counts: a level with no prediction (reference files) is wrong, as the
+        # reference counts it, not left out of the denominator
         for k, (lv, t) in enumerate(zip(levels, truth)):
             lvl_n[lv] += 1
             lvl_hit[lv] += k < len(pred) and _eq(pred[k], t)

@@ -203,9 +203,8 @@ def summarize_reference_records(data: list, score_from: int | None = None, binar
         return out
 
     def gen():
-        # FIX: this used to align predictions to truths level by level (a None prediction counted as
-        # a miss, a prediction at a None-truth level was dropped, records with no prediction stayed
-        # in N), which is not what the reference metric does (see the docstring).
+        # truths and predictions are collected independently, not aligned level by level: that is
+        # what the reference metric does (see the docstring)
         for r in data:
             if not isinstance(r, dict):
                 continue

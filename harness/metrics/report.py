@@ -38,8 +38,7 @@ def summarize_path(path: str | Path, score_from: int | None = None) -> Summary:
     if p.is_dir():
         return summarize_results(p)
     with p.open("rb") as f:
-        # FIX: the first byte used to be lstrip()ped to b"" when it was whitespace, which ended the
-        # loop, so a reference JSON list starting with a newline or spaces was read as results.jsonl.
+        # skip leading whitespace byte by byte: a reference JSON list may start with a newline
         head = f.read(1)
         while head in (b" ", b"\n", b"\r", b"\t"):
             head = f.read(1)

@@ -95,8 +95,7 @@ class PromptConfig(BaseModel):
     @field_validator("taxonomy")
     @classmethod
     def _known(cls, v: str) -> str:
-        # FIX: a KeyError raised in a pydantic validator escapes as a bare KeyError; a ValueError
-        # becomes the usual ValidationError naming the field.
+        # a ValueError (not the KeyError get_info raises) becomes a ValidationError naming the field
         try:
             get_info(v)
         except KeyError as e:

@@ -13,9 +13,8 @@ def parse_reference(raw: str, letters: str = "ABCD") -> str | None:
     """Reference quirk: the first of the offered letters (A, B, C, D: alphabetical order) appearing
     anywhere in the response as a substring, else None ("Unknown"). "C. Arthropoda" parses as A,
     "Based on..." as B. The reference walks `choice_map.keys()`, i.e. exactly the offered letters."""
-    # FIX: this walked "ABCD" whenever fewer than four letters were offered, so a two-option question
-    # (root / vertebrate-invertebrate levels) could return "C" or "D", a letter with no option, where
-    # the reference (`next(key for key in choice_map.keys() if key in response)`) never looks at them.
+    # only the offered letters, as the reference (`next(key for key in choice_map.keys() if key in
+    # response)`): a two-option question never returns "C" or "D"
     for L in letters:
         if L in raw:
             return L
