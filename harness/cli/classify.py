@@ -41,6 +41,7 @@ def _transport(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-side", type=int, help="resize images whose longest side is larger")
     g.add_argument("--image-root-map", action="append", default=[], metavar="OLD=NEW")
     g.add_argument("--limit", type=int, help="first N items (in the protocol's order)")
+    g.add_argument("--shard", metavar="I/N", help="ask only shard I of N (by a hash of the item); N jobs share --out")
     g.add_argument("--retry-errors", action="store_true", help="ask again what failed before")
     g.add_argument("--force", action="store_true", help="resume even if run.json settings differ")
     g.add_argument("--dry-run", action="store_true", help="print the first requests (images elided); send nothing")
@@ -170,7 +171,8 @@ def spec_from_args(args: argparse.Namespace, task: dict) -> RunSpec:
     fields = {"out": args.out, "data": args.data, "model": args.model, "backend": backend, "task": task | style,
               "max_tokens": getattr(args, "max_tokens", None), "temperature": getattr(args, "temperature", None),
               "limit": args.limit, "image_root_map": args.image_root_map, "media": args.media,
-              "max_side": args.max_side, "retry_errors": args.retry_errors, "force": args.force}
+              "max_side": args.max_side, "retry_errors": args.retry_errors, "force": args.force,
+              "shard": args.shard}
     return RunSpec.model_validate(fields)
 
 

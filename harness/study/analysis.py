@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from harness.metrics.readers import results_files
 from harness.metrics.report import summarize_path
 from harness.runs.report import headline, run_kind
 from harness.runs.report import summarize_path as summarize_run
@@ -72,10 +73,10 @@ def find_runs(paths: Sequence[str | Path]) -> list[tuple[Path, str]]:
         p = Path(a)
         if p.is_file():
             out.append((p, p.parent.name if p.name == "results.jsonl" else p.name))
-        elif (p / "results.jsonl").is_file():
+        elif p.is_dir() and results_files(p):
             out.append((p, p.name or str(p)))
         elif p.is_dir():
-            found = sorted(f.parent for f in p.rglob("results.jsonl"))
+            found = sorted({f.parent for f in p.rglob("results*.jsonl") if results_files(f.parent)})
             if not found:
                 raise FileNotFoundError(f"{p}: no run folders (results.jsonl) under this folder")
             out += [(f, str(f.relative_to(p))) for f in found]

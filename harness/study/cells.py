@@ -18,6 +18,7 @@ from typing import Any, Literal, get_origin
 
 from pydantic import BaseModel, ValidationError
 
+from harness.metrics.readers import results_files
 from harness.runs.report import headline, summarize_path
 from harness.runs.spec import ClassifyTask, EndpointBackend, HierarchyTask, LoglikTask, RunSpec, WikiQATask
 from harness.serving.profiles import load_profile
@@ -424,11 +425,9 @@ def blocked_reason(cell: Cell, kinds: Collection[str] | None = None) -> str | No
     return None
 
 
-
-
 def cell_scores(cell: Cell) -> tuple[float | None, float | None]:
     """`headline` of the cell's run folder (None, None before it has results or when they cannot be read)."""
-    if not (cell.out / "results.jsonl").is_file():
+    if not cell.out.is_dir() or not results_files(cell.out):
         return None, None
     try:
         return headline(summarize_path(cell.out))
@@ -439,9 +438,8 @@ def cell_scores(cell: Cell) -> tuple[float | None, float | None]:
 def cell_state(cell: Cell, kinds: Collection[str] | None = None, *, scores: bool = False) -> CellState:
     """Where a cell stands on disk; `kinds`: the task kinds that can run here (None: do not check);
     `scores`: also read its metrics (HCA and leaf accuracy, or accuracy), which reads its results."""
-    results = cell.out / "results.jsonl"
     status = read_json(cell.out / "run.json").get("status")
-    lines = _count_lines(results) if results.is_file() else 0
+    lines = sum(_count_lines(f) for f in results_files(cell.out)) if cell.out.is_dir() else 0  # every shard
     hca, leaf = cell_scores(cell) if scores and lines else (None, None)
     if status == "done":
         return CellState("done", "", lines, hca, leaf)

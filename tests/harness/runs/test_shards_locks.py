@@ -291,3 +291,20 @@ def test_clip_shards_report_as_one_run(tmp_path):
     a, b = harness.report([tmp_path / "one", tmp_path / "sh"])
     a.pop("run"), b.pop("run")
     assert a == b and a["n_items"] == 10
+
+
+def test_analyze_and_plan_cells_see_a_folder_of_shards_only(tmp_path):
+    """A run written only by shards (results.shard-I-of-N.jsonl, no results.jsonl) is a run for
+    `harness analyze` and for a plan's cell state."""
+    from harness.study.analysis import find_runs
+    from tests.support.engine_helpers import CUB_SIMILAR
+    from tests.support.stub_server import Stub, StubThread
+
+    with StubThread(Stub()) as s:
+        for i in range(2):
+            spec = harness.RunSpec(out=str(tmp_path / "runs" / "sharded"), data=str(CUB_SIMILAR), limit=6,
+                                   task={"mode": "text"}, backend={"endpoints": [s.url]}, shard=f"{i}/2")
+            assert harness.run(spec).exit_code == 0
+    assert not (tmp_path / "runs" / "sharded" / "results.jsonl").exists()
+    assert [label for _, label in find_runs([tmp_path / "runs"])] == ["sharded"]
+    assert [label for _, label in find_runs([tmp_path / "runs" / "sharded"])] == ["sharded"]
