@@ -9,7 +9,7 @@ from harness.backends.http import FatalError
 from harness.cli.run import add_run_arguments, spec_from_args
 from harness.cli.spec_errors import validated
 from harness.runs import batch
-from harness.runs.folder import ExitCode
+from harness.runs.folder import ExitCode, RunLocked
 
 
 def add_cli(sub) -> None:
@@ -31,6 +31,9 @@ def cmd_submit(args) -> int:
     spec = validated(spec_from_args, args)
     try:
         return asyncio.run(batch.submit(spec, dry_run=args.dry_run))
+    except RunLocked as e:
+        print(f"harness: error: {e}")
+        return ExitCode.LOCKED
     except FatalError as e:
         print(f"harness: error: {e}")
         return ExitCode.FATAL
@@ -39,6 +42,9 @@ def cmd_submit(args) -> int:
 def cmd_collect(args) -> int:
     try:
         return asyncio.run(batch.collect(args.out, wait=args.wait, poll=args.poll, api_key_env=args.api_key_env))
+    except RunLocked as e:
+        print(f"harness: error: {e}")
+        return ExitCode.LOCKED
     except FatalError as e:
         print(f"harness: error: {e}")
         return ExitCode.FATAL

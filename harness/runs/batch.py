@@ -59,6 +59,17 @@ async def _request(session: aiohttp.ClientSession, method: str, url: str, **kw) 
 
 
 async def submit(spec: RunSpec, *, dry_run: bool = False) -> int:
+    """Render the spec's questions into batch files, upload them and create batches (repeatable), as
+    the run folder's one writer (its lock, as `harness run` takes it)."""
+    if spec.shard is not None:
+        raise ValueError("--shard: a Batch API run is not sharded (the provider runs the batches)")
+    folder = RunFolder(spec.out)
+    folder.prepare()
+    with folder.lock():
+        return await _submit(spec, dry_run=dry_run)
+
+
+async def _submit(spec: RunSpec, *, dry_run: bool = False) -> int:
     """Render the spec's questions into batch files, upload them and create batches (repeatable)."""
     backend = spec.backend
     if not isinstance(backend, EndpointBackend) or not backend.endpoints or not spec.model:
@@ -143,6 +154,15 @@ async def submit(spec: RunSpec, *, dry_run: bool = False) -> int:
 
 
 async def collect(out: str | Path, *, wait: bool = False, poll: float = 30.0, api_key_env: str | None = None) -> int:
+    """Download finished batches into results.jsonl (repeatable), as the folder's one writer."""
+    folder = RunFolder(out)
+    if not folder.path.is_dir():
+        raise FileNotFoundError(f"{folder.path}: no such run folder")
+    with folder.lock():
+        return await _collect(out, wait=wait, poll=poll, api_key_env=api_key_env)
+
+
+async def _collect(out: str | Path, *, wait: bool = False, poll: float = 30.0, api_key_env: str | None = None) -> int:
     """Download finished batches into results.jsonl (repeatable); 0 when every batch is collected."""
     folder = RunFolder(out)
     out = folder.path

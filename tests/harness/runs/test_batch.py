@@ -87,3 +87,14 @@ def test_submit_needs_endpoint_and_model(tmp_path, missing):
     i = argv.index(missing)
     del argv[i:i + 2]
     assert main(argv) == 2
+
+
+def test_batch_submit_refuses_a_folder_another_writer_holds(tmp_path, capsys):
+    from harness.runs.folder import ExitCode, RunFolder
+
+    folder = RunFolder(tmp_path / "b")
+    folder.prepare()
+    with folder.lock():  # a `harness run` writing this folder
+        rc = main(["batch", "submit", "--endpoint", "http://127.0.0.1:9", "--model", "m", "--data", CUB,
+                   "--out", str(tmp_path / "b"), "--mode", "text", "--limit", "3"])
+    assert rc == ExitCode.LOCKED and "is being written by another run" in capsys.readouterr().out
