@@ -163,6 +163,15 @@ def _preflight(spec: RunSpec, model: str, done: set[str]) -> Preflight | None:
                      media=spec.media if spec.backend.kind == "openai" else "pixels")
 
 
+def _early_check(spec: RunSpec) -> None:
+    """Input errors before a server starts, a model loads or an endpoint is asked: the profile, the
+    taxonomy, the items file, the first images (ValueError / FileNotFoundError naming the flag)."""
+    exp = experiment_for(spec, spec.model or "(the served model)")
+    if getattr(exp, "kind", None) != "loglik":
+        preflight(exp, set(), root_map=spec.image_root_map, data=spec.data,
+                  media=spec.media if spec.backend.kind == "openai" else "pixels", count=False)
+
+
 def _dry_run(spec: RunSpec, folder: RunFolder) -> RunResult:
     """What a run would do, with no server, model or connection: counts, cost, one rendered request."""
     from harness.runs.show import sample_request
@@ -372,6 +381,8 @@ def execute(spec: RunSpec, *, dry_run: bool = False, progress: bool = False, qui
     _check_inputs(spec)
     if spec.shard is not None:
         parse_shard(spec.shard)  # a spec built without validation: the message names the flag
+    if not dry_run:
+        _early_check(spec)
     try:
         import uvloop  # optional: a faster event loop where installed
 

@@ -76,7 +76,10 @@ def resolve(spec: RunSpec, model: str) -> HierarchySettings:
     if t.profile:  # per-model protocol of the paper (servers/*.toml)
         from harness.serving.profiles import load_profile
 
-        prof = load_profile(t.profile)
+        try:
+            prof = load_profile(t.profile)
+        except ValueError as e:  # ProfileError: unknown, or a broken file (named)
+            raise ValueError(f"--profile {t.profile}: {e}") from None
         pmode = "text" if t.mode == "text" else "image"
         p = prof.protocol
         if t.prompt_variant is None:

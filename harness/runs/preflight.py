@@ -34,9 +34,10 @@ def _hint(missing: list[str], root_map: list[str]) -> str:
 
 
 def preflight(exp, done: set[str], *, units=None, sample: int = 20, root_map: list[str] = (),
-              data: str | None = None, media: str = "base64") -> Preflight:
+              data: str | None = None, media: str = "base64", count: bool = True) -> Preflight:
     """Count the work left and check a sample of images. Raises ValueError (one line naming the flag
-    and what to add) when none of the first `sample` images exists."""
+    and what to add) when none of the first `sample` images exists. `count=False`: stop once the
+    sample is checked (a check before a server is started)."""
     pf = Preflight()
     checked = 0
     for unit in exp.units(done) if units is None else units:
@@ -48,8 +49,8 @@ def preflight(exp, done: set[str], *, units=None, sample: int = 20, root_map: li
             checked += 1
             if not os.path.isfile(unit.image):
                 pf.images_missing.append(unit.image)
-            if checked == sample and len(pf.images_missing) == sample:
-                break  # nothing to run: say so now, do not count a million questions first
+            if checked == sample and (len(pf.images_missing) == sample or not count):
+                break  # nothing to run (say so now), or only the sample was asked for
     pf.images_checked = checked
     if checked and len(pf.images_missing) == checked:
         raise ValueError(f"--data {data}: none of the first {checked} images exists (looked for "

@@ -87,7 +87,7 @@ def test_a_settings_change_is_refused_naming_the_field(tmp_path):
 
 
 def test_run_accepts_a_plain_dict_and_reports_a_dead_endpoint_as_fatal(tmp_path):
-    result = harness.run({"out": str(tmp_path / "r"), "data": str(CUB_SIMILAR),
+    result = harness.run({"out": str(tmp_path / "r"), "data": str(CUB_SIMILAR), "task": {"mode": "text"},
                           "backend": {"endpoints": ["http://127.0.0.1:9"]}, "limit": 2})
     assert result.exit_code == ExitCode.FATAL and "cannot reach" in (result.message or "")
     assert not (tmp_path / "r" / "results.jsonl").exists()

@@ -349,7 +349,11 @@ def test_clip_run_input_errors(tiny, tmp_path, capsys):
     assert cli_main(["clip-run", "--model", str(tiny["clip"]), "--data", str(bad), "--out", str(tmp_path / "o2"),
                      "--strict", "--device", "cpu", "--quiet"]) == 2
     assert "bad.jsonl:2: field 'choices_level1'" in " ".join(capsys.readouterr().err.split())
-    assert cli_main(["clip-run", "--model", str(tmp_path / "no-model"), "--data", str(CUB_SIMILAR),
+    from tests.support.engine_helpers import image_items
+
+    (tmp_path / "imgs").mkdir()
+    with_images = image_items(tmp_path / "imgs", 2)  # inputs good: the model is what fails
+    assert cli_main(["clip-run", "--model", str(tmp_path / "no-model"), "--data", str(with_images),
                      "--out", str(tmp_path / "o3"), "--device", "cpu"]) == 2
     assert "not a model folder" in capsys.readouterr().err and not (tmp_path / "o3").exists()
 

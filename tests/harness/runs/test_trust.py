@@ -121,3 +121,23 @@ def test_image_errors_name_the_file_and_huge_images_need_max_side(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no raw PIL warning reaches the user
         assert encode_image(str(tmp_path / "big.png"), max_side=1680).size == (1680, 1680)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--profile", "nope"), "--profile nope: unknown server profile 'nope'"),
+    (("--mode", "image"), "none of the first 20 images exists"),
+])
+def test_input_errors_come_before_any_server_is_asked_or_started(tmp_path, capsys, extra, message):
+    """No endpoint is contacted (a dead one would say 'cannot reach') and no local server is started
+    (--model without --endpoint) before the inputs are known good."""
+    for how in (("--endpoint", "http://127.0.0.1:9"), ("--model", "/no/such/model")):
+        rc, _, err = run_cli(capsys, "run", *how, "--data", CUB_SIMILAR, "--out", tmp_path / "o", *extra)
+        assert rc == ExitCode.INPUT and message in err and "cannot reach" not in err, err
+        assert not (tmp_path / "o").exists()
+
+
+def test_a_file_that_is_not_items_is_named_before_anything_starts(tmp_path, capsys):
+    (tmp_path / "x.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    rc, _, err = run_cli(capsys, "run", "--endpoint", "http://127.0.0.1:9", "--data", tmp_path / "x.jsonl",
+                         "--out", tmp_path / "o")
+    assert rc == ExitCode.INPUT and f"{tmp_path / 'x.jsonl'}: no valid item among the first lines" in err
