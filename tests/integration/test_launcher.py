@@ -59,7 +59,7 @@ def test_start_timeout_is_a_flag_and_its_message_names_it(monkeypatch, tmp_path,
     weights = tmp_path / "weights"
     weights.mkdir()
     t0 = time.monotonic()
-    rc = main(["run", "--data", str(CUB), "--out", str(tmp_path / "out"), "--limit", "1", "--quiet",
+    rc = main(["run", "--data", str(CUB), "--mode", "text", "--out", str(tmp_path / "out"), "--limit", "1", "--quiet",
                "--model", str(weights), "--server-timeout", "2"])
     took = time.monotonic() - t0
     err = capsys.readouterr().err
