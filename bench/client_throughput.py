@@ -39,7 +39,7 @@ import aiohttp
 import orjson
 
 from bench import streaming_memory
-from bench._client_common import MODEL, HarnessRun, fmt_table, log, machine, run_args, write_items
+from bench._client_common import HarnessRun, fmt_table, log, machine, run_args, write_items
 from bench._client_stub import StubProcess
 from harness.data.items import read_items
 from harness.prompts.hierarchy import Renderer

@@ -53,9 +53,9 @@ LLAVA_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
 )
 
-def train_bpe(specials: list[str], vocab_size: int = 400):
-    """A byte-level BPE ``tokenizers.Tokenizer`` trained on the built-in corpus (deterministic), with
-    ``specials`` first in its vocabulary."""
+def train_bpe(specials: list[str], vocab_size: int = 400, corpus: list[str] | None = None):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``corpus`` (default: the built-in one;
+    deterministic), with ``specials`` first in its vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -67,7 +67,7 @@ def train_bpe(specials: list[str], vocab_size: int = 400):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(_CORPUS * 4 if corpus is None else corpus, trainer=trainer)
     return tok
 
 

@@ -450,8 +450,6 @@ class Client:
     def prepare_image(self, path: str, media: str, max_side: int | None) -> ImagePayload:
         return encode_image(path, media=media, max_side=max_side)
 
-    post = send  # the name the classification requests use
-
     def key_hint(self) -> str:
         """What to check after a 401/403: names the key variable, never shows the key."""
         if not self.key_env:

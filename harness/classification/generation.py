@@ -90,7 +90,7 @@ class GenerationTask:
         self.cot_sentence = catalogue()["generation"]["cot"]
 
     def unit(self, q: Question) -> Unit:
-        return Unit(q.item.image, [Group(qid_of(q.item), 1, q)])
+        return Unit(q.item.image, [Group(qid_of(q.item), 1, q)], key=q.item.key)
 
     def request(self, group: Group, i: int, image) -> tuple[str, dict]:
         path, body, _ = generation_request(self.style, group.data.text, image, cot=self.cot,

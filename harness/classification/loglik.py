@@ -230,7 +230,7 @@ class LoglikTask:
 
     def unit(self, qid: str, image: str | None, data: dict) -> Unit:
         """One image (None: the image-free prior) and its group: the head request, then the rest."""
-        return Unit(image, [Group(qid, self._n(), data, head=True)])
+        return Unit(image, [Group(qid, self._n(), data, head=True)], key=data.get("item"))
 
     def _kind(self, i: int) -> tuple[str, Any]:
         """("head", None) | ("node", node ids) | ("class", class index) of request i."""

@@ -100,7 +100,7 @@ class WikiQATask:
 
     def unit(self, item: WikiItem) -> Unit:
         image = None if self.control != "none" else item.image
-        return Unit(image, [Group(f"{item.line}:{item.key}", 1, item)])
+        return Unit(image, [Group(f"{item.line}:{item.key}", 1, item)], key=item.key)
 
     def request(self, group: Group, i: int, image) -> tuple[str, dict]:
         path, body, _ = generation_request(self.style, item_text(group.data, self.control), image, cot=self.cot,

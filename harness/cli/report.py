@@ -9,6 +9,7 @@ import orjson
 
 from harness.metrics.hierarchy import Summary
 from harness.metrics.report import render_table, to_csv, to_markdown
+from harness.runs.report import CLASSIFICATION_KINDS
 from harness.runs.report import summarize_path as summarize_any
 
 
@@ -60,19 +61,6 @@ def _as_summary(d: dict) -> Summary:
     return Summary(**{k: tuple(v) if k.endswith("_ci") else v for k, v in d.items() if k in fields})
 
 
-def _classification(path: str) -> dict | None:
-    """The summary of a classification run folder (classify, loglik, wikiqa), else None."""
-    from harness.runs.report import CLASSIFICATION_KINDS, run_kind
-
-    kind = run_kind(path)
-    if kind not in CLASSIFICATION_KINDS and kind != "generation":  # generation: classify, older folders
-        return None
-    from harness.runs.classification import OLD_KINDS, summarize_folder
-
-    p = Path(path)
-    return {"kind": OLD_KINDS.get(kind, kind)} | summarize_folder(p if p.is_dir() else p.parent)
-
-
 def _wikiqa_stream(paths: list[str], cls: dict[str, dict]) -> None:
     """ImageWikiQA runs of protocol reference: their random guesses continue one stream across the runs,
     in the order given (the reference notebook's seed-once loop over its output files)."""
@@ -82,15 +70,16 @@ def _wikiqa_stream(paths: list[str], cls: dict[str, dict]) -> None:
              and read_manifest(p).get("settings", {}).get("protocol") == "reference"]
     if len(chain) > 1:
         for p, s in zip(chain, score_wikiqa_stream(chain)):
-            cls[p] = {"kind": "wikiqa"} | s
+            cls[p] = cls[p] | s  # the chained scores over the run's own (its completeness kept)
 
 
 def cmd_report(args) -> int:
-    cls = {p: s for p in args.paths if (s := _classification(p)) is not None}
+    # one summary a run, with whether it is complete (an empty or garbage file is refused here)
+    summaries = {p: summarize_any(p, args.score_from) for p in args.paths}
+    cls = {p: s for p, s in summaries.items() if s["kind"] in CLASSIFICATION_KINDS}
     _wikiqa_stream(args.paths, cls)
     hier = [p for p in args.paths if p not in cls]
-    # one summary a run, with whether it is complete (an empty or garbage file is refused here)
-    hier_json = {p: summarize_any(p, args.score_from) for p in hier}
+    hier_json = {p: summaries[p] for p in hier}
     results = [(_name(p), _as_summary(hier_json[p])) for p in hier]
     if args.reference_format:
         if len(args.paths) != 1 or not hier:

@@ -61,7 +61,7 @@ class Unit:
     image: str | None
     groups: list[Group]
     records: list[dict] = field(default_factory=list)  # lines written without asking (auto-filled)
-    key: str | None = None  # affinity key (default: the image, else the first group's qid)
+    key: str | None = None  # the item asked about: affinity and `--shard` hash it (default: image, first qid)
 
 
 class Task(Protocol):

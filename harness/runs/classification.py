@@ -38,26 +38,43 @@ from harness.data.items import ReadReport, file_hash
 from harness.engine.core import Unit
 from harness.engine.pricing import price_for
 from harness.metrics.readers import latest_records, results_files
-from harness.runs.folder import NOT_ANSWERS, RunFolder, Settings
+from harness.runs.folder import NOT_ANSWERS, OLD_KINDS, RunFolder, Settings
 from harness.runs.spec import ClassifyTask, EndpointBackend, LoglikTask, RunSpec, WikiQATask
 
 KINDS = ("classify", "loglik", "wikiqa")
-OLD_KINDS = {"generation": "classify"}  # run.json of folders written before the unified run kinds
 
 _RAW_NEEDS_TEMPLATE = "--request raw needs --template (llava15, llava16-mistral, llava16-vicuna, blip2)"
 
 
 # ------------------------------------------------------------------ settings (the resume rule)
 
-class ClassifySettings(Settings):
+class _RunSettings(Settings):
+    """What every classification kind records: the model, the data and the request style."""
+
     model: str
-    task: str
-    dataset: str
     data: str = Field(json_schema_extra=NOT_ANSWERS)
     data_sha256: str
+    request: str
+    template: str | None
+    text_first: bool
+    max_side: int | None = None
+    media: str = Field("base64", json_schema_extra=NOT_ANSWERS)
+    limit: int | None = Field(json_schema_extra=NOT_ANSWERS)  # the whole stream is replayed: extendable
+    catalogue_sha256: str
+
+
+class _ClassListSettings(_RunSettings):
+    """A data set with a class list (classify, loglik)."""
+
+    dataset: str
     classes: str = Field(json_schema_extra=NOT_ANSWERS)
     classes_sha256: str
     split: str
+    first_synonym: bool
+
+
+class ClassifySettings(_ClassListSettings):
+    task: str
     k: int | None
     order: str
     protocol: str
@@ -65,60 +82,27 @@ class ClassifySettings(Settings):
     seed: int
     wording: int
     cot: bool
-    request: str
-    template: str | None
-    text_first: bool
     max_tokens: int | None  # None: not sent (preset reference-api)
     temperature: float | None  # None: not sent (preset reference-api)
     sampling_seed: int | None = None
-    max_side: int | None = None
-    media: str = Field("base64", json_schema_extra=NOT_ANSWERS)
-    limit: int | None = Field(json_schema_extra=NOT_ANSWERS)  # the whole stream is replayed: extendable
-    first_synonym: bool
-    catalogue_sha256: str
 
 
-class LoglikSettings(Settings):
-    model: str
-    dataset: str
-    data: str = Field(json_schema_extra=NOT_ANSWERS)
-    data_sha256: str
-    classes: str = Field(json_schema_extra=NOT_ANSWERS)
-    classes_sha256: str
-    split: str
+class LoglikSettings(_ClassListSettings):
     question: str
     prefix: str
     method: str
-    request: str
-    template: str | None
-    text_first: bool
     seed: int
     prior: bool = Field(False, json_schema_extra=NOT_ANSWERS)  # adds the prior line, changes no other
     protocol: str = Field("robust", json_schema_extra=NOT_ANSWERS)  # scoring only: duplicate class names
-    max_side: int | None = None
-    media: str = Field("base64", json_schema_extra=NOT_ANSWERS)
-    limit: int | None = Field(json_schema_extra=NOT_ANSWERS)
-    first_synonym: bool
-    catalogue_sha256: str
 
 
-class WikiQASettings(Settings):
-    model: str
-    data: str = Field(json_schema_extra=NOT_ANSWERS)
-    data_sha256: str
+class WikiQASettings(_RunSettings):
     cot: bool
     control: str
-    request: str
-    template: str | None
-    text_first: bool
     max_tokens: int | None  # None: not sent (preset reference-api)
     temperature: float | None  # None: not sent (preset reference-api)
     protocol: str = Field("robust", json_schema_extra=NOT_ANSWERS)  # scoring only: the random-guess stream
     sampling_seed: int | None = None
-    max_side: int | None = None
-    media: str = Field("base64", json_schema_extra=NOT_ANSWERS)
-    limit: int | None = Field(json_schema_extra=NOT_ANSWERS)
-    catalogue_sha256: str
 
 
 # ------------------------------------------------------------------ helpers

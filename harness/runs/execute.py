@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
@@ -32,7 +31,7 @@ from harness.engine.progress import Progress
 from harness.runs.experiments import experiment_for
 from harness.runs.folder import ExitCode, FolderLock, RunFolder, RunLocked, command_line, now
 from harness.runs.preflight import Preflight, preflight
-from harness.runs.report import completeness
+from harness.runs.report import completeness, run_status
 from harness.runs.spec import ClipBackend, EndpointBackend, HierarchyTask, RunSpec, parse_shard
 
 
@@ -50,22 +49,12 @@ class RunResult:
 
 
 def item_key(unit: Unit) -> str:
-    """The item a unit asks about, what `--shard` hashes: the item id of hierarchy and CLIP questions,
-    the image key (the path as written in the file) of classification items, never a line number, so an
-    item keeps its shard when the file grows."""
-    for g in unit.groups:
-        d = g.data
-        key = getattr(d, "item_id", None)  # hierarchy / CLIP question
-        if key is None:
-            key = getattr(getattr(d, "item", None), "key", None)  # classification question -> ClassItem
-        if key is None and isinstance(d, dict):
-            key = d.get("item")  # log-likelihood (None for the image-free prior)
-        if key is None and not isinstance(d, dict):
-            key = getattr(d, "key", None)  # ImageWikiQA item
-        return str(key) if key is not None else g.qid
-    for rec in unit.records:  # only auto-filled lines left
-        return str(rec.get("item"))
-    return ""
+    """The item a unit asks about, what `--shard` hashes: the unit's key (the item id of hierarchy and
+    CLIP questions, the image key as written in the file of classification items), never a line number,
+    so an item keeps its shard when the file grows."""
+    if unit.key is not None:
+        return str(unit.key)
+    return unit.groups[0].qid if unit.groups else ""  # the image-free log-likelihood prior: its qid
 
 
 def shard_of(key: str, n: int) -> int:
@@ -150,26 +139,17 @@ def _remove_signals(loop: asyncio.AbstractEventLoop, installed: list[tuple[int, 
             signal.signal(sig, prev)  # what the caller had (asyncio would leave the default)
 
 
-def _preflight(spec: RunSpec, model: str, done: set[str]) -> Preflight | None:
+def _preflight(spec: RunSpec, model: str, done: set[str], *, count: bool = True) -> Preflight | None:
     """Count the work left and sample the images on a separate experiment (a seeded stream is not
-    consumed); None for kinds whose questions need the server first (log-likelihood tries)."""
+    consumed); None for kinds whose questions need the server first (log-likelihood tries).
+    `count=False`: the image sample only (before a server is started or an endpoint asked)."""
     exp = experiment_for(spec, model)
     if getattr(exp, "kind", None) == "loglik":
         return None
     units = exp.units(done)
     if spec.shard is not None:
         units = shard_units(units, parse_shard(spec.shard))
-    return preflight(exp, done, units=units, root_map=spec.image_root_map, data=spec.data,
-                     media=spec.media if spec.backend.kind == "openai" else "pixels")
-
-
-def _early_check(spec: RunSpec) -> None:
-    """Input errors before a server starts, a model loads or an endpoint is asked: the profile, the
-    taxonomy, the items file, the first images (ValueError / FileNotFoundError naming the flag)."""
-    exp = experiment_for(spec, spec.model or "(the served model)")
-    if getattr(exp, "kind", None) != "loglik":
-        preflight(exp, set(), root_map=spec.image_root_map, data=spec.data,
-                  media=spec.media if spec.backend.kind == "openai" else "pixels", count=False)
+    return preflight(exp, done, units=units, root_map=spec.image_root_map, data=spec.data, count=count)
 
 
 def _dry_run(spec: RunSpec, folder: RunFolder) -> RunResult:
@@ -214,8 +194,9 @@ async def _execute(spec: RunSpec, endpoints: list[str], *, dry_run: bool, progre
         if hasattr(exp, "prepare"):
             await exp.prepare(backend)
         folder.prepare()
+        done = folder.done(spec.retry_errors)  # every results file of the folder: all shards
         # preflight, before anything is recorded: a forgotten --image-root-map stops here (exit 2)
-        pf = _preflight(spec, model, folder.done(spec.retry_errors, repair=False))
+        pf = _preflight(spec, model, done)
         started = now()
         recorded = _redacted(spec.model_copy(update={"model": model}))  # the served model, not a guess
         extra = {"endpoints": [redact_url(e) for e in endpoints], "command": command_line()}
@@ -224,7 +205,6 @@ async def _execute(spec: RunSpec, endpoints: list[str], *, dry_run: bool, progre
         # the settings check against run.json (every shard's) and the first manifest, as one step
         folder.claim(kind=exp.kind, settings=exp.settings, force=spec.force, spec=recorded, status="running",
                      started=started, **extra)
-        done = folder.done(spec.retry_errors)  # every results file of the folder: all shards
         if on_line is not None and pf is not None:
             for line in pf.lines:
                 on_line(line)
@@ -315,9 +295,7 @@ async def _execute(spec: RunSpec, endpoints: list[str], *, dry_run: bool, progre
             s = {"kind": exp.kind} | (exp.summarize(folder.path) if folder.results_files() else {})
             if folder.shard is None:  # a run that ended done asked everything (also when not counted)
                 return completeness(s, status, 0 if status == "done" else left)
-            from harness.runs.report import _status
-
-            return completeness(s, *_status(folder.path))
+            return completeness(s, *run_status(folder.path))
 
         summary = folder.write_summary(whole)
         lines = _lines(stats, exp, summary, folder)
@@ -381,8 +359,8 @@ def execute(spec: RunSpec, *, dry_run: bool = False, progress: bool = False, qui
     _check_inputs(spec)
     if spec.shard is not None:
         parse_shard(spec.shard)  # a spec built without validation: the message names the flag
-    if not dry_run:
-        _early_check(spec)
+    if not dry_run:  # input errors (profile, items file, images) before a server or endpoint is asked
+        _preflight(spec, spec.model or "(the served model)", set(), count=False)
     try:
         import uvloop  # optional: a faster event loop where installed
 

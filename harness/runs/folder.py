@@ -62,6 +62,9 @@ class ExitCode(IntEnum):
     INTERRUPTED = 7  # SIGTERM / SIGINT: stopped cleanly, answers kept; the same command resumes
 
 
+OLD_KINDS = {"generation": "classify"}
+"""Run kinds in the run.json of folders written before the run kinds were unified -> today's."""
+
 NOT_ANSWERS = {"answers": False}
 """`json_schema_extra` of a settings field that does not change any answer already given."""
 

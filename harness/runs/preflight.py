@@ -34,7 +34,7 @@ def _hint(missing: list[str], root_map: list[str]) -> str:
 
 
 def preflight(exp, done: set[str], *, units=None, sample: int = 20, root_map: list[str] = (),
-              data: str | None = None, media: str = "base64", count: bool = True) -> Preflight:
+              data: str | None = None, count: bool = True) -> Preflight:
     """Count the work left and check a sample of images. Raises ValueError (one line naming the flag
     and what to add) when none of the first `sample` images exists. `count=False`: stop once the
     sample is checked (a check before a server is started)."""

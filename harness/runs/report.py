@@ -9,9 +9,9 @@ import orjson
 
 from harness.metrics.readers import SHARD_RESULTS
 from harness.metrics.report import summarize_path as summarize_hierarchy
+from harness.runs.folder import OLD_KINDS
 
 CLASSIFICATION_KINDS = ("classify", "loglik", "wikiqa")
-_OLD_KINDS = {"generation": "classify"}  # run.json of folders written before the run kinds were unified
 
 
 def run_kind(path: str | Path) -> str:
@@ -25,7 +25,7 @@ def run_kind(path: str | Path) -> str:
     except orjson.JSONDecodeError:
         return "hierarchy"
     kind = str(m.get("kind") or "hierarchy") if isinstance(m, dict) else "hierarchy"
-    return _OLD_KINDS.get(kind, kind)
+    return OLD_KINDS.get(kind, kind)
 
 
 def summarize_path(path: str | Path, score_from: int | None = None) -> dict:
@@ -38,14 +38,14 @@ def summarize_path(path: str | Path, score_from: int | None = None) -> dict:
         from harness.runs.classification import summarize_folder
 
         folder = p if p.is_dir() else p.parent
-        return completeness({"kind": kind} | summarize_folder(folder), *_status(folder))
+        return completeness({"kind": kind} | summarize_folder(folder), *run_status(folder))
     summary = {"kind": "hierarchy"} | summarize_hierarchy(p, score_from).to_json()
     if not summary.get("n_questions") and not summary.get("n_items"):
         raise ValueError(f"{p}: no result lines (an empty file, or not a results file)")
     if p.is_file() and p.name.endswith(".json"):  # the reference format: a finished run's output
         return completeness(summary, "done", 0)
     folder = p if p.is_dir() else p.parent
-    return completeness(summary, *_status(folder))
+    return completeness(summary, *run_status(folder))
 
 
 def completeness(summary: dict, status: str | None, n_not_asked: int | None) -> dict:
@@ -62,7 +62,7 @@ def completeness(summary: dict, status: str | None, n_not_asked: int | None) -> 
                       "n_unparsed": n_unparsed}
 
 
-def _status(folder: Path) -> tuple[str | None, int | None]:
+def run_status(folder: Path) -> tuple[str | None, int | None]:
     """(the run's status from run.json, questions not asked yet) - None, None without a run.json."""
     if not (folder / "run.json").is_file():
         return None, None

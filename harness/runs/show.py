@@ -29,6 +29,13 @@ def _decoded(body: Any) -> Any:
     return body
 
 
+def _image_ref(exp, spec: RunSpec, unit) -> ImagePayload | None:
+    """The unit's image as the engine sends it (same cache id: the experiment's resize rule), by path."""
+    if unit.image is None or spec.backend.kind != "openai":
+        return None
+    return _placeholder(unit.image, getattr(exp, "max_side", spec.max_side))
+
+
 def show(run: str | Path, qid: str) -> dict:
     """{qid, image, requests: [{path, body}], answer} of one question of a run folder.
 
@@ -44,9 +51,7 @@ def show(run: str | Path, qid: str) -> dict:
         for group in unit.groups:
             if group.qid != qid:
                 continue
-            image = None
-            if unit.image is not None:
-                image = _placeholder(unit.image, spec.max_side) if spec.backend.kind == "openai" else None
+            image = _image_ref(exp, spec, unit)
             requests = []
             for i in range(group.n):
                 if group.head and i > 0:
@@ -55,10 +60,9 @@ def show(run: str | Path, qid: str) -> dict:
                 path, body = exp.task.request(group, i, image)
                 requests.append({"path": path, "body": _decoded(body)})
             answer = None
-            for f in sorted(folder.path.glob("results*.jsonl")):
-                for rec in iter_records(f):
-                    if rec.get("qid") == qid:
-                        answer = rec  # the last line of a qid wins (--retry-errors appends)
+            for rec in iter_records(folder.path):  # every results file of the folder (shards too)
+                if rec.get("qid") == qid:
+                    answer = rec  # the last line of a qid wins (--retry-errors appends)
             return {"qid": qid, "image": unit.image, "requests": requests, "answer": answer}
     raise ValueError(f"{folder.path}: no question {qid!r} in this run (see the qids in results.jsonl)")
 
@@ -67,11 +71,9 @@ def sample_request(exp, done: set[str], spec: RunSpec, limit: int = 4000) -> lis
     """Lines showing the first request the run would send (image as a reference), for a dry run."""
     for unit in exp.units(done):
         for group in unit.groups:
-            image = None
-            if unit.image is not None:
-                if spec.backend.kind != "openai":
-                    return [f"first request: {group.qid}: image {unit.image} scored against its options"]
-                image = _placeholder(unit.image, spec.max_side)
+            if unit.image is not None and spec.backend.kind != "openai":
+                return [f"first request: {group.qid}: image {unit.image} scored against its options"]
+            image = _image_ref(exp, spec, unit)
             try:
                 path, body = exp.task.request(group, 0, image)
             except Exception as e:  # noqa: BLE001 - a kind that needs its server first (log-likelihood tries)

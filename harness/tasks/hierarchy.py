@@ -70,7 +70,7 @@ def units(work: Iterable[tuple[Item, list[Question]]]) -> Iterator[Unit]:
             else:
                 groups.append(Group(q.qid, 1, q))
         image = item.image if any(g.data.image for g in groups) else None
-        yield Unit(image, groups, auto)
+        yield Unit(image, groups, auto, key=item.id)
 
 
 def questions(items: Iterable[Item], renderer: Renderer, done: set[str]) -> Iterator[tuple[Item, list[Question]]]:
