@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import sys
 
 from harness.data.taxonomy import TAXONOMIES
@@ -123,6 +124,31 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     return RunSpec.model_validate(fields)
 
 
+def load_spec(path: str) -> RunSpec:
+    """A RunSpec file (.toml or .json), its errors naming --spec, the file and the field."""
+    import tomllib
+
+    from pydantic import ValidationError
+
+    from harness.cli.spec_errors import flag_of
+
+    if Path(path).suffix not in (".toml", ".json"):
+        raise ValueError(f"--spec {path}: expected a .toml or .json RunSpec file")
+    try:
+        return RunSpec.load(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--spec {path}: no such file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--spec {path}: not valid TOML ({e})") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        if err["type"] == "json_invalid":
+            raise ValueError(f"--spec {path}: not valid JSON ({err['msg']})") from None
+        where = ".".join(str(x) for x in err["loc"] if x not in ("openai", "clip", "hierarchy", "classify",
+                                                                 "loglik", "wikiqa")) or flag_of(())
+        raise ValueError(f"--spec {path}: {where}: {err['msg'].removeprefix('Value error, ')}") from None
+
+
 def print_result(r: RunResult) -> int:
     from rich.console import Console
 
@@ -138,12 +164,9 @@ def print_result(r: RunResult) -> int:
 
 
 def cmd_run(args) -> int:
-    if args.spec:
-        spec = RunSpec.load(args.spec)
-    else:
-        from harness.cli.spec_errors import validated
+    from harness.cli.spec_errors import validated
 
-        spec = validated(spec_from_args, args)
+    spec = load_spec(args.spec) if args.spec else validated(spec_from_args, args)
     return print_result(execute(spec, dry_run=args.dry_run, progress=not args.quiet, quiet_server=args.quiet,
                                 on_line=None if args.quiet else _stderr))
 

@@ -13,13 +13,18 @@ T = TypeVar("T")
 _FLAGS = {"endpoints": "--endpoint", "image_root_map": "--image-root-map", "kind": "--backend"}
 
 
+# parts of an error location that name no field: the sub-models, their union tags, member types
+_NOT_FIELDS = {"backend", "task", "openai", "clip", "hierarchy", "classify", "loglik", "wikiqa",
+               "int", "str", "float", "bool", "none"}
+
+
 def flag_of(loc: tuple) -> str:
-    names = [p for p in loc if isinstance(p, str) and p not in ("backend", "task") and not p[:1].isupper()
+    """The flag of a RunSpec error location, e.g. ("task", "classify", "k", "int") -> --k."""
+    names = [p for p in loc if isinstance(p, str) and p not in _NOT_FIELDS and not p[:1].isupper()
              and "[" not in p and not p.startswith(("function-", "tagged-union"))]
     if not names:
         return "--" + str(loc[0]).replace("_", "-") if loc else "input"
-    name = names[-1]
-    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+    return _FLAGS.get(names[0], "--" + names[0].replace("_", "-"))
 
 
 def validated(build: Callable[..., T], *args) -> T:

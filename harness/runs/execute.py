@@ -149,7 +149,9 @@ def _preflight(spec: RunSpec, model: str, done: set[str], *, count: bool = True)
     units = exp.units(done)
     if spec.shard is not None:
         units = shard_units(units, parse_shard(spec.shard))
-    return preflight(exp, done, units=units, root_map=spec.image_root_map, data=spec.data, count=count)
+    source = None if spec.data else f"--dataset {getattr(spec.task, 'dataset', None)}"
+    return preflight(exp, done, units=units, root_map=spec.image_root_map, data=spec.data, source=source,
+                     count=count)
 
 
 def _dry_run(spec: RunSpec, folder: RunFolder) -> RunResult:

@@ -34,10 +34,11 @@ def _hint(missing: list[str], root_map: list[str]) -> str:
 
 
 def preflight(exp, done: set[str], *, units=None, sample: int = 20, root_map: list[str] = (),
-              data: str | None = None, count: bool = True) -> Preflight:
+              data: str | None = None, source: str | None = None, count: bool = True) -> Preflight:
     """Count the work left and check a sample of images. Raises ValueError (one line naming the flag
     and what to add) when none of the first `sample` images exists. `count=False`: stop once the
-    sample is checked (a check before a server is started)."""
+    sample is checked (a check before a server is started). `source`: what the message names
+    (default `--data DATA`; a shipped classification data set: `--dataset NAME`)."""
     pf = Preflight()
     checked = 0
     for unit in exp.units(done) if units is None else units:
@@ -53,7 +54,7 @@ def preflight(exp, done: set[str], *, units=None, sample: int = 20, root_map: li
                 break  # nothing to run (say so now), or only the sample was asked for
     pf.images_checked = checked
     if checked and len(pf.images_missing) == checked:
-        raise ValueError(f"--data {data}: none of the first {checked} images exists (looked for "
+        raise ValueError(f"{source or f'--data {data}'}: none of the first {checked} images exists (looked for "
                          f"{pf.images_missing[0]}); {_hint(pf.images_missing, list(root_map))}")
     if pf.images_missing:
         pf.lines.append(f"warning: {len(pf.images_missing)} of the first {checked} images are missing "

@@ -141,3 +141,24 @@ def test_a_file_that_is_not_items_is_named_before_anything_starts(tmp_path, caps
     rc, _, err = run_cli(capsys, "run", "--endpoint", "http://127.0.0.1:9", "--data", tmp_path / "x.jsonl",
                          "--out", tmp_path / "o")
     assert rc == ExitCode.INPUT and f"{tmp_path / 'x.jsonl'}: no valid item among the first lines" in err
+
+
+def test_spec_files_and_union_fields_name_the_flag_the_file_and_the_field(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "classify", "run", "--endpoint", "http://127.0.0.1:9", "--dataset", "flowers",
+                         "--task", "closed", "--k", "nine", "--out", tmp_path / "c")
+    assert rc == ExitCode.INPUT and "--k: Input should be a valid integer" in err and "Traceback" not in err
+    (tmp_path / "bad.toml").write_text(f'out = "o"\ndata = "{CUB_SIMILAR}"\n[backend]\nconcurrency = 0\n')
+    (tmp_path / "bad.json").write_text('{"out": 1')
+    for spec, message in ((tmp_path / "none.toml", "no such file"),
+                          (tmp_path / "bad.toml", "backend.concurrency: Input should be greater than or equal to 1"),
+                          (tmp_path / "bad.json", "not valid JSON"),
+                          (tmp_path / "x.yaml", "expected a .toml or .json RunSpec file")):
+        rc, _, err = run_cli(capsys, "run", "--spec", spec)
+        assert rc == ExitCode.INPUT and f"--spec {spec}: {message}" in err and "Traceback" not in err, err
+
+
+def test_a_shipped_dataset_without_its_images_names_the_dataset(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "classify", "run", "--endpoint", "http://127.0.0.1:9", "--dataset", "flowers",
+                         "--out", tmp_path / "c")
+    assert rc == ExitCode.INPUT and "--dataset flowers: none of the first 20 images exists" in err
+    assert not (tmp_path / "c").exists()
